@@ -1,0 +1,56 @@
+# EDJE on Triton. `make demo` runs the main job; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REPO_DIR ?= build/model_repository
+RUNTIME ?= python
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow repo serve lint format clean
+
+setup: $(STAMP)
+
+# CPU torch first (a plain `torch` may pull a multi-GB CUDA build), then the project.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m edje.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+repo: setup
+	$(VENV)/bin/edje-build-repo --output $(REPO_DIR) --runtime $(RUNTIME)
+
+$(REPO_DIR)/edje_manifest.json:
+	$(MAKE) repo
+
+serve: setup $(REPO_DIR)/edje_manifest.json
+	$(VENV)/bin/edje serve --model-repository $(REPO_DIR) --host $(HOST) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf build .pytest_cache

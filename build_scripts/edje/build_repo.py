@@ -1,0 +1,296 @@
+"""Build a servable Triton model repository from an EDJE model source.
+
+Steps: load the models (checkpoint strictly checked), export both ONNX graphs, write the
+tokenizer, and fill the ``${placeholders}`` of ``model_repository/*/config.pbtxt``. Two
+runtimes:
+
+* ``python``: the embedded server (``make serve``). Each ONNX model runs in ONNX Runtime inside a
+  Python-backend model, with the same tensors and batching.
+* ``onnxruntime``: Triton's ONNX Runtime backend, as in NVIDIA's container; ``--gpu`` puts
+  instances on GPUs and ``--tensorrt`` adds the TensorRT FP16 accelerator.
+
+The repository is written to a temporary directory and moved into place at the end, so a failed
+build never leaves a half-built repository behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("edje.build_repo")
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repository"
+DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "default_model"
+MANIFEST = "edje_manifest.json"
+PYTHON_MODELS = ("edje_preprocess", "edje_tokenizer")
+ONNX_MODELS = {"edje_vision_adapter": "vision_adapter", "edje_ranker": "ranker"}
+ENSEMBLES = ("edje_index", "edje_rank")
+
+TENSORRT_FP16 = """optimization { execution_accelerators { gpu_execution_accelerator: [ {
+  name: "tensorrt"
+  parameters { key: "precision_mode", value: "FP16" }
+  parameters { key: "max_workspace_size_bytes", value: "1073741824" }
+} ] } }"""
+
+
+@dataclass
+class RepoSettings:
+    """Deploy-time settings written into the configs."""
+
+    runtime: str = "python"
+    gpu: bool = False
+    tensorrt: bool = False
+    index_max_batch_size: int = 32
+    index_preferred_batch_sizes: str = "8, 16, 32"
+    index_queue_delay_us: int = 2000
+    rank_max_batch_size: int = 256
+    rank_preferred_batch_sizes: str = "64, 128, 256"
+    rank_queue_delay_us: int = 1000
+    preprocess_instances: int = 1
+    vision_instances: int = 1
+    tokenizer_instances: int = 1
+    ranker_instances: int = 1
+    intra_op_threads: int = 0
+    decode_threads: int = 4
+    max_image_pixels: int = 50_000_000
+    max_image_bytes: int = 32 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.runtime not in ("python", "onnxruntime"):
+            raise ValueError(f"runtime must be 'python' or 'onnxruntime', got {self.runtime!r}")
+        if (self.gpu or self.tensorrt) and self.runtime != "onnxruntime":
+            raise ValueError("--gpu/--tensorrt need --runtime onnxruntime (NVIDIA's container)")
+        if self.tensorrt and not self.gpu:
+            raise ValueError("--tensorrt needs --gpu")
+
+
+def template_values(source, settings: RepoSettings, dims: dict[str, int], tokenizer) -> dict:
+    """Every ``${placeholder}`` value for the config templates."""
+    processor = source.image_processor()
+    if settings.runtime == "python":
+        backend = 'backend: "python"'
+    else:
+        backend = 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"'
+    values = {k: str(v) for k, v in asdict(settings).items()}
+    values.update(
+        runtime_backend=backend,
+        instance_kind="KIND_GPU" if settings.gpu else "KIND_CPU",
+        optimization=TENSORRT_FP16 if settings.tensorrt else "",
+        image_size=str(dims["image_size"]),
+        num_tokens=str(dims["num_tokens"]),
+        token_width=str(dims["token_width"]),
+        embedding_dim=str(dims["embedding_dim"]),
+        pair_length=str(dims["pair_length"]),
+        resample=str(int(processor.resample)),
+        rescale_factor=repr(float(processor.rescale_factor)),
+        image_mean=",".join(repr(float(x)) for x in processor.image_mean),
+        image_std=",".join(repr(float(x)) for x in processor.image_std),
+        pad_token_id=str(tokenizer.pad_token_id),
+        pad_token=tokenizer.pad_token,
+    )
+    return values
+
+
+def fill_template(path: Path, values: dict[str, str]) -> str:
+    """Substitute placeholders; an unknown ``${name}`` is an error naming the file."""
+    try:
+        return string.Template(path.read_text()).substitute(values)
+    except KeyError as exc:
+        raise KeyError(f"{path}: no value for placeholder ${{{exc.args[0]}}}") from None
+
+
+def build_repository(
+    source, output: str | Path, settings: RepoSettings | None = None, force: bool = True
+) -> Path:
+    """Export ``source`` into a Triton model repository at ``output``; return its path."""
+    from edje.onnx_export import export_ranker, export_vision_adapter
+
+    settings = settings or RepoSettings()
+    settings.validate()
+    output = Path(output)
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists (use --force to replace it)")
+    staging = output.with_name(output.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    log.info("loading models from %s", source.checkpoint)
+    indexing, index_report = source.build_indexing_model()
+    ranking, rank_report = source.build_ranking_model()
+    log.info(index_report.summary("indexing model"))
+    log.info(rank_report.summary("ranking model"))
+    tokenizer = source.tokenizer()
+    dims = {
+        "image_size": indexing.image_size,
+        "num_tokens": source.num_compressed_tokens,
+        "token_width": ranking.language_model.config.hidden_size,
+        "embedding_dim": indexing.vision_encoder.config.hidden_size,
+        "pair_length": source.max_text_tokens + source.num_compressed_tokens,
+    }
+    values = template_values(source, settings, dims, tokenizer)
+
+    for name in (*PYTHON_MODELS, *ONNX_MODELS, *ENSEMBLES):
+        (staging / name / "1").mkdir(parents=True)
+        (staging / name / "config.pbtxt").write_text(
+            fill_template(TEMPLATE_DIR / name / "config.pbtxt", values)
+        )
+    shared = TEMPLATE_DIR / "_shared"
+    for name in PYTHON_MODELS:
+        shutil.copy2(TEMPLATE_DIR / name / "1" / "model.py", staging / name / "1" / "model.py")
+    if settings.runtime == "python":
+        for name in ONNX_MODELS:
+            shutil.copy2(shared / "onnx_runner.py", staging / name / "1" / "model.py")
+    for name in PYTHON_MODELS if settings.runtime != "python" else (*PYTHON_MODELS, *ONNX_MODELS):
+        shutil.copy2(shared / "edje_backend_utils.py", staging / name / "1")
+
+    log.info("exporting ONNX models")
+    export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")
+    export_ranker(ranking, staging / "edje_ranker" / "1" / "model.onnx")
+    tokenizer.backend_tokenizer.save(str(staging / "edje_tokenizer" / "1" / "tokenizer.json"))
+
+    manifest = {
+        "source": source.description,
+        "checkpoint": str(source.checkpoint),
+        "random_weights": source.random_weights,
+        "settings": asdict(settings),
+        **dims,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(output, ignore_errors=True)
+    staging.rename(output)
+    return output
+
+
+def default_source(cache_dir: Path):
+    """The embedded default model, or, until one is trained, a tiny random-weight model."""
+    from edje.model_source import ModelSource
+
+    if (DEFAULT_SOURCE_DIR / "edje_config.json").is_file():
+        return ModelSource.from_dir(DEFAULT_SOURCE_DIR)
+    from edje.tiny import make_tiny_source
+
+    return make_tiny_source(
+        cache_dir, description="tiny EDJE with random weights: rankings are meaningless"
+    )
+
+
+def source_from_args(args: argparse.Namespace):
+    """Resolve the model source named on the command line."""
+    from edje.model_source import ModelSource
+
+    if args.source:
+        return ModelSource.from_dir(args.source)
+    if args.checkpoint:
+        if not (args.siglip and args.language_model):
+            raise SystemExit("--checkpoint needs --siglip and --language-model")
+        return ModelSource(
+            siglip_path=args.siglip,
+            language_model_path=args.language_model,
+            checkpoint=args.checkpoint,
+            num_compressed_tokens=args.num_compressed_tokens,
+            projection_type=args.projection,
+            description=f"checkpoint {args.checkpoint}",
+        )
+    return default_source(Path(args.output).parent / "random_default_source")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="edje-build-repo",
+        description="Build a Triton model repository (edje_index, edje_rank and their "
+        "components) from an EDJE model source.",
+        epilog="Examples:\n"
+        "  edje-build-repo --output build/model_repository\n"
+        "  edje-build-repo --checkpoint pytorch_model.pth \\\n"
+        "      --siglip google/siglip2-large-patch16-384 \\\n"
+        "      --language-model microsoft/MiniLM-L12-H384-uncased \\\n"
+        "      --runtime onnxruntime --gpu --tensorrt --output /models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("model source (default: the embedded default model)")
+    src.add_argument("--source", help="model source directory holding edje_config.json")
+    src.add_argument(
+        "--checkpoint", help="EDJE weights: research .pth ({'model': ...}) or .safetensors"
+    )
+    src.add_argument("--siglip", help="SigLIP model directory or hub name (config + processor)")
+    src.add_argument("--language-model", help="MiniLM directory or hub name (config + tokenizer)")
+    src.add_argument("--num-compressed-tokens", type=int, default=64, help="Q (default 64)")
+    src.add_argument("--projection", choices=("compressed", "local"), default="compressed")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", default="build/model_repository", help="repository directory")
+    out.add_argument(
+        "--runtime",
+        choices=("python", "onnxruntime"),
+        default="python",
+        help="python: embedded server (default); onnxruntime: NVIDIA's container",
+    )
+    out.add_argument("--gpu", action="store_true", help="KIND_GPU instances (onnxruntime only)")
+    out.add_argument("--tensorrt", action="store_true", help="TensorRT FP16 accelerator (--gpu)")
+    out.add_argument("--rank-max-batch-size", type=int, default=RepoSettings.rank_max_batch_size)
+    out.add_argument("--rank-queue-delay-us", type=int, default=RepoSettings.rank_queue_delay_us)
+    out.add_argument("--index-max-batch-size", type=int, default=RepoSettings.index_max_batch_size)
+    out.add_argument("--ranker-instances", type=int, default=RepoSettings.ranker_instances)
+    out.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=RepoSettings.intra_op_threads,
+        help="ONNX Runtime threads per instance (0: ORT's default)",
+    )
+    out.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=RepoSettings.max_image_pixels,
+        help="refuse larger images (decompression-bomb guard)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``edje-build-repo``)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    settings = RepoSettings(
+        runtime=args.runtime,
+        gpu=args.gpu,
+        tensorrt=args.tensorrt,
+        rank_max_batch_size=args.rank_max_batch_size,
+        rank_queue_delay_us=args.rank_queue_delay_us,
+        index_max_batch_size=args.index_max_batch_size,
+        ranker_instances=args.ranker_instances,
+        intra_op_threads=args.intra_op_threads,
+        max_image_pixels=args.max_image_pixels,
+    )
+    try:
+        settings.validate()
+        source = source_from_args(args)
+        path = build_repository(source, args.output, settings)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"edje-build-repo: error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest["random_weights"]:
+        banner = "!" * 78
+        print(
+            f"\n{banner}\n!! WARNING: this repository was built from a model with RANDOM "
+            f"weights.\n!! Its scores and rankings are meaningless. Build from a real "
+            f"checkpoint\n!! (--checkpoint ...) or the trained default model.\n{banner}\n",
+            file=sys.stderr,
+        )
+    print(
+        f"built {path} ({args.runtime} runtime): Q={manifest['num_tokens']}, "
+        f"D={manifest['token_width']}, E={manifest['embedding_dim']}, "
+        f"image {manifest['image_size']}px, pair length {manifest['pair_length']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""A *model source*: where EDJE's configs, tokenizer and weights come from.
+
+A source directory holds ``edje_config.json``::
+
+    {"siglip_path": "siglip", "language_model_path": "language_model",
+     "checkpoint": "edje.safetensors", "num_compressed_tokens": 64}
+
+Paths are relative to the directory, absolute, or hub names (``google/siglip2-large-patch16-384``).
+Models are built from the configs alone and then filled from the checkpoint through
+:func:`edje.checkpoint.load_into`, so a real checkpoint and the embedded default take the same path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edje.checkpoint import LoadReport, load_into, read_state_dict
+from edje.modeling import (
+    ADAPTER_MLP_DIM,
+    IMAGE_TOKEN,
+    PROJECTION_COMPRESSED,
+    EDJEModelForIndexing,
+    EDJEModelForRanking,
+)
+
+CONFIG_NAME = "edje_config.json"
+
+
+@dataclass
+class ModelSource:
+    """Everything needed to build both EDJE networks and their pre-processing."""
+
+    siglip_path: str
+    language_model_path: str
+    checkpoint: str
+    num_compressed_tokens: int = 64
+    projection_type: str = PROJECTION_COMPRESSED
+    adapter_mlp_dim: int = ADAPTER_MLP_DIM
+    max_text_tokens: int = 64
+    description: str = ""
+    random_weights: bool = False
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelSource:
+        """Read ``edje_config.json`` and resolve its relative paths against ``path``."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not an EDJE model source: no {CONFIG_NAME}")
+        raw = json.loads(config_file.read_text())
+        for key in ("siglip_path", "language_model_path", "checkpoint"):
+            local = path / raw[key]
+            if local.exists():
+                raw[key] = str(local)
+        return cls(**raw)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``edje_config.json`` into ``path`` (paths are stored as given)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    def build_indexing_model(self) -> tuple[EDJEModelForIndexing, LoadReport]:
+        """Indexing model from configs, weights from the checkpoint (strictly checked)."""
+        model = EDJEModelForIndexing(
+            self.siglip_path,
+            self.language_model_path,
+            self.num_compressed_tokens,
+            projection_type=self.projection_type,
+            adapter_mlp_dim=self.adapter_mlp_dim,
+            load_pretrained=False,
+        )
+        report = load_into(model, read_state_dict(self.checkpoint))
+        return model.eval(), report
+
+    def build_ranking_model(self) -> tuple[EDJEModelForRanking, LoadReport]:
+        """Ranking model from configs, weights from the checkpoint (strictly checked)."""
+        model = EDJEModelForRanking(
+            self.language_model_path, self.num_compressed_tokens, load_pretrained=False
+        )
+        report = load_into(model, read_state_dict(self.checkpoint))
+        return model.eval(), report
+
+    def tokenizer(self):
+        """The MiniLM WordPiece tokenizer with ``<image>`` added as a special token."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.language_model_path)
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        return tok
+
+    def image_processor(self):
+        """The SigLIP image processor (PIL backend), the reference for the Triton preprocessor."""
+        from transformers import SiglipImageProcessorPil
+
+        return SiglipImageProcessorPil.from_pretrained(self.siglip_path)
