@@ -10,6 +10,7 @@ loads without renaming. See DESIGN.md §2 for the architecture.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -253,7 +254,8 @@ class EDJEModelForRanking(nn.Module):
         if language_config is None and load_pretrained:
             self.language_model = BertForMaskedLM.from_pretrained(language_model_path)
         else:
-            config = language_config or load_language_config(language_model_path)
+            # A copy: resizing the embeddings below must not change the caller's config.
+            config = copy.deepcopy(language_config) or load_language_config(language_model_path)
             self.language_model = BertForMaskedLM(config)
         config = self.language_model.config
         self.image_token_id = config.vocab_size if image_token_id is None else image_token_id
