@@ -33,7 +33,19 @@ class ResearchAdapter(nn.Module):
 
 
 class ResearchEDJE(nn.Module):
-    """The research training module's parameter layout (random weights)."""
+    """The research training module's parameter layout (random weights).
+
+    Use :meth:`research_state_dict`: the research code ran a transformers release whose
+    ``SiglipVisionModel`` nested its modules under ``vision_model`` (DESIGN.md §2).
+    """
+
+    def research_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            k.replace("vision_encoder.", "vision_encoder.vision_model.", 1)
+            if k.startswith("vision_encoder.") and not k.startswith("vision_encoder.vision_model.")
+            else k: v
+            for k, v in self.state_dict().items()
+        }
 
     def __init__(
         self, siglip: SiglipConfig, language: BertConfig, q: int, mlp: int, local: bool = False

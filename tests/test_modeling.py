@@ -38,7 +38,7 @@ def research(configs, tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(1)
     module = ResearchEDJE(*configs, q=Q, mlp=MLP).eval()
     path = tmp_path_factory.mktemp("research") / "pytorch_model.pth"
-    torch.save({"model": module.state_dict(), "epoch": 3}, path)
+    torch.save({"model": module.research_state_dict(), "epoch": 3}, path)
     return path, module
 
 
@@ -63,7 +63,7 @@ def test_research_checkpoint_matches_reference_forward(tiny_source, research, co
     source = _source(tiny_source, path)
     indexing, index_report = source.build_indexing_model()
     ranking, rank_report = source.build_ranking_model()
-    sd = {k: v.detach() for k, v in module.state_dict().items()}
+    sd = {k: v.detach() for k, v in module.research_state_dict().items()}
 
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -92,8 +92,23 @@ def test_research_checkpoint_matches_reference_forward(tiny_source, research, co
     assert all(k.startswith("vision_") for k in index_report.used)
 
 
-def test_seed_style_strict_false_load_gives_the_same_scores(tiny_source, research):
+def test_seed_style_strict_false_load_gives_the_same_results(tiny_source, research):
+    """The seed's ``load_state_dict(..., strict=False)`` loads every weight, nested ViT too."""
     path, _ = research
+    indexing, _ = _source(tiny_source, path).build_indexing_model()
+    seed_indexing = EDJEModelForIndexing(
+        tiny_source.siglip_path,
+        tiny_source.language_model_path,
+        Q,
+        adapter_mlp_dim=MLP,
+        load_pretrained=False,
+    )
+    result = seed_indexing.load_state_dict(torch.load(path)["model"], strict=False)
+    assert not result.missing_keys
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(seed_indexing.eval()(pixels), indexing(pixels))
+
     ranking, _ = _source(tiny_source, path).build_ranking_model()
     seed_style = EDJEModelForRanking(tiny_source.language_model_path, Q, load_pretrained=False)
     seed_style.load_state_dict(torch.load(path, map_location="cpu")["model"], strict=False)
@@ -127,7 +142,7 @@ def test_pair_layout_matches_the_per_row_reference(tiny_source):
 
 def test_missing_key_is_named(tiny_source, research, tmp_path):
     path, module = research
-    sd = module.state_dict()
+    sd = module.research_state_dict()
     del sd["vision_projection.key.weight"]
     bad = tmp_path / "bad.pth"
     torch.save({"model": sd}, bad)
@@ -139,7 +154,9 @@ def test_missing_key_is_named(tiny_source, research, tmp_path):
 
 def test_shape_mismatch_is_named(tiny_source, research, tmp_path):
     path, _ = research
-    with pytest.raises(CheckpointError, match=r"vision_projection\.query.*\(1, 16, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"size mismatch for vision_projection\.query.*\[1, 16, 64\]"
+    ):
         ModelSource(
             siglip_path=tiny_source.siglip_path,
             language_model_path=tiny_source.language_model_path,
@@ -189,7 +206,7 @@ def test_local_variant_is_configuration(configs, tmp_path):
     module.language_model.bert.embeddings.position_embeddings = (
         ranking.language_model.bert.embeddings.position_embeddings
     )
-    sd = module.state_dict()
+    sd = module.research_state_dict()
     load_into(indexing, sd)
     load_into(ranking, sd)
     pixels = torch.randn(2, 3, 32, 32)
@@ -259,7 +276,7 @@ def test_seed_usage_snippet_runs_with_local_paths(tiny_source, research, tmp_pat
     # ---- end of snippet ----
     assert compressed_tokens.shape == (1, Q, 384)
     assert len(ranked) == 3 and all(isinstance(s, float) for _, s in ranked)
-    sd = {k: v.detach() for k, v in module.state_dict().items()}
+    sd = {k: v.detach() for k, v in module.research_state_dict().items()}
     ref = reference_scores(
         sd,
         BertConfig.from_pretrained(tiny_source.language_model_path),

@@ -13,9 +13,13 @@ MODELS = (
     "edje_preprocess",
     "edje_rank",
     "edje_ranker",
+    "edje_text_embed",
+    "edje_text_encoder",
+    "edje_text_tokenizer",
     "edje_tokenizer",
     "edje_vision_adapter",
 )
+ONNX = ("edje_ranker", "edje_text_encoder", "edje_vision_adapter")
 
 
 def _parse(path) -> model_config_pb2.ModelConfig:
@@ -51,7 +55,7 @@ def test_python_runtime_configs(repo_dir):
 def test_onnxruntime_gpu_configs(gpu_repo):
     for name in MODELS:
         config = _parse(gpu_repo / name / "config.pbtxt")
-        if name in ("edje_ranker", "edje_vision_adapter"):
+        if name in ONNX:
             assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
             (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator

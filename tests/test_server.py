@@ -81,6 +81,22 @@ def test_rank_matches_pytorch(client, protocol, tiny_models, tiny_source):
     assert np.abs(scores - ref.numpy()).max() <= 1e-3
 
 
+def test_text_embed_matches_pytorch(client, protocol, tiny_source):
+    texts = ["a red circle", "", "dog " * 100]
+    items = np.array([[t.encode()] for t in texts], dtype=object)
+    result = client.infer("edje_text_embed", [_input(protocol, "text", items, "BYTES")])
+    embeddings = result.as_numpy("text_embedding")
+    model, _ = tiny_source.build_text_model()
+    enc = tiny_source.text_tokenizer()(
+        texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model(input_ids=enc["input_ids"]).pooler_output, dim=-1)
+    assert embeddings.shape == (3, 64) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(embeddings, ref.numpy(), atol=1e-5)
+
+
 def _expect_invalid(call, fragment: str) -> None:
     with pytest.raises(InferenceServerException) as exc:
         call()

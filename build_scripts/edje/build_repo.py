@@ -30,9 +30,15 @@ log = logging.getLogger("edje.build_repo")
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "default_model"
 MANIFEST = "edje_manifest.json"
-PYTHON_MODELS = ("edje_preprocess", "edje_tokenizer")
-ONNX_MODELS = {"edje_vision_adapter": "vision_adapter", "edje_ranker": "ranker"}
-ENSEMBLES = ("edje_index", "edje_rank")
+# Python-backend model -> the template folder whose 1/model.py it runs.
+PYTHON_MODELS = {
+    "edje_preprocess": "edje_preprocess",
+    "edje_tokenizer": "edje_tokenizer",
+    "edje_text_tokenizer": "edje_tokenizer",
+}
+ONNX_MODELS = ("edje_vision_adapter", "edje_ranker", "edje_text_encoder")
+ENSEMBLES = ("edje_index", "edje_rank", "edje_text_embed")
+MAX_TEXT_LENGTH = 64
 
 TENSORRT_FP16 = """optimization { execution_accelerators { gpu_execution_accelerator: [ {
   name: "tensorrt"
@@ -54,6 +60,8 @@ class RepoSettings:
     rank_max_batch_size: int = 256
     rank_preferred_batch_sizes: str = "64, 128, 256"
     rank_queue_delay_us: int = 1000
+    text_max_batch_size: int = 64
+    text_queue_delay_us: int = 1000
     preprocess_instances: int = 1
     vision_instances: int = 1
     tokenizer_instances: int = 1
@@ -72,7 +80,9 @@ class RepoSettings:
             raise ValueError("--tensorrt needs --gpu")
 
 
-def template_values(source, settings: RepoSettings, dims: dict[str, int], tokenizer) -> dict:
+def template_values(
+    source, settings: RepoSettings, dims: dict[str, int], tokenizer, text_tokenizer
+) -> dict:
     """Every ``${placeholder}`` value for the config templates."""
     processor = source.image_processor()
     if settings.runtime == "python":
@@ -89,12 +99,15 @@ def template_values(source, settings: RepoSettings, dims: dict[str, int], tokeni
         token_width=str(dims["token_width"]),
         embedding_dim=str(dims["embedding_dim"]),
         pair_length=str(dims["pair_length"]),
+        text_length=str(dims["text_length"]),
         resample=str(int(processor.resample)),
         rescale_factor=repr(float(processor.rescale_factor)),
         image_mean=",".join(repr(float(x)) for x in processor.image_mean),
         image_std=",".join(repr(float(x)) for x in processor.image_std),
         pad_token_id=str(tokenizer.pad_token_id),
         pad_token=tokenizer.pad_token,
+        text_pad_token_id=str(text_tokenizer.pad_token_id),
+        text_pad_token=text_tokenizer.pad_token,
     )
     return values
 
@@ -111,7 +124,7 @@ def build_repository(
     source, output: str | Path, settings: RepoSettings | None = None, force: bool = True
 ) -> Path:
     """Export ``source`` into a Triton model repository at ``output``; return its path."""
-    from edje.onnx_export import export_ranker, export_vision_adapter
+    from edje.onnx_export import export_ranker, export_text_encoder, export_vision_adapter
 
     settings = settings or RepoSettings()
     settings.validate()
@@ -124,17 +137,30 @@ def build_repository(
     log.info("loading models from %s", source.checkpoint)
     indexing, index_report = source.build_indexing_model()
     ranking, rank_report = source.build_ranking_model()
+    text_model, text_report = source.build_text_model()
     log.info(index_report.summary("indexing model"))
     log.info(rank_report.summary("ranking model"))
-    tokenizer = source.tokenizer()
+    log.info(
+        text_report.summary("first-stage text tower")
+        if text_report
+        else f"first-stage text tower: pretrained weights from {source.siglip_path}"
+    )
+    tokenizer, text_tokenizer = source.tokenizer(), source.text_tokenizer()
+    embedding_dim = indexing.vision_encoder.config.hidden_size
+    if text_model.config.projection_size != embedding_dim:
+        raise ValueError(
+            f"text embedding width {text_model.config.projection_size} differs from the image "
+            f"embedding width {embedding_dim}: they must share one space"
+        )
     dims = {
         "image_size": indexing.image_size,
         "num_tokens": source.num_compressed_tokens,
         "token_width": ranking.language_model.config.hidden_size,
-        "embedding_dim": indexing.vision_encoder.config.hidden_size,
+        "embedding_dim": embedding_dim,
         "pair_length": source.max_text_tokens + source.num_compressed_tokens,
+        "text_length": min(text_tokenizer.model_max_length, MAX_TEXT_LENGTH),
     }
-    values = template_values(source, settings, dims, tokenizer)
+    values = template_values(source, settings, dims, tokenizer, text_tokenizer)
 
     for name in (*PYTHON_MODELS, *ONNX_MODELS, *ENSEMBLES):
         (staging / name / "1").mkdir(parents=True)
@@ -142,18 +168,21 @@ def build_repository(
             fill_template(TEMPLATE_DIR / name / "config.pbtxt", values)
         )
     shared = TEMPLATE_DIR / "_shared"
-    for name in PYTHON_MODELS:
-        shutil.copy2(TEMPLATE_DIR / name / "1" / "model.py", staging / name / "1" / "model.py")
+    code = {name: TEMPLATE_DIR / src / "1" / "model.py" for name, src in PYTHON_MODELS.items()}
     if settings.runtime == "python":
-        for name in ONNX_MODELS:
-            shutil.copy2(shared / "onnx_runner.py", staging / name / "1" / "model.py")
-    for name in PYTHON_MODELS if settings.runtime != "python" else (*PYTHON_MODELS, *ONNX_MODELS):
+        code.update({name: shared / "onnx_runner.py" for name in ONNX_MODELS})
+    for name, model_py in code.items():
+        shutil.copy2(model_py, staging / name / "1" / "model.py")
         shutil.copy2(shared / "edje_backend_utils.py", staging / name / "1")
 
     log.info("exporting ONNX models")
     export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")
     export_ranker(ranking, staging / "edje_ranker" / "1" / "model.onnx")
+    export_text_encoder(text_model, staging / "edje_text_encoder" / "1" / "model.onnx")
     tokenizer.backend_tokenizer.save(str(staging / "edje_tokenizer" / "1" / "tokenizer.json"))
+    text_tokenizer.backend_tokenizer.save(
+        str(staging / "edje_text_tokenizer" / "1" / "tokenizer.json")
+    )
 
     manifest = {
         "source": source.description,

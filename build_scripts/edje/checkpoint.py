@@ -16,6 +16,11 @@ from torch import nn
 
 # Keys a model holds but inference never reads (training-only heads).
 OPTIONAL_PREFIXES: tuple[str, ...] = ("language_model.cls.",)
+# (research name, name in this transformers) prefixes. transformers 5 flattened
+# SiglipVisionModel (``vision_model.embeddings`` became ``embeddings``); the published research
+# checkpoint uses the older, nested names, and so do the checkpoints this project writes. The
+# models accept both (see ``edje.modeling.accept_nested_siglip_names``).
+NESTED_VISION, FLAT_VISION = "vision_encoder.vision_model.", "vision_encoder."
 
 
 class CheckpointError(ValueError):
@@ -68,6 +73,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def to_research_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a state dict of this transformers' models to the research checkpoint's names."""
+    return {
+        NESTED_VISION + k[len(FLAT_VISION) :]
+        if k.startswith(FLAT_VISION) and not k.startswith(NESTED_VISION)
+        else k: v
+        for k, v in state_dict.items()
+    }
+
+
 def _is_optional(key: str) -> bool:
     return key.startswith(OPTIONAL_PREFIXES)
 
@@ -80,28 +95,24 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadR
     CheckpointError
         If a required key is missing or a shape differs; the message names the keys.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not _is_optional(k)]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and state_dict[k].shape != own[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} required keys missing: {_head(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_head(mismatched)}")
-    if problems:
+    try:
+        result = model.load_state_dict(dict(state_dict), strict=False)
+    except RuntimeError as exc:  # size mismatches, one line each in torch's message
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise CheckpointError(
-            f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems)
+            f"checkpoint does not fit {type(model).__name__}: {'; '.join(lines)}"
+        ) from None
+    missing = [k for k in result.missing_keys if not _is_optional(k)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__}: "
+            f"{len(missing)} required keys missing: {_head(missing)}"
         )
-    used = [k for k in own if k in state_dict]
-    model.load_state_dict({k: state_dict[k] for k in used}, strict=False)
+    unexpected = set(result.unexpected_keys)
     return LoadReport(
-        used=used,
-        ignored=sorted(k for k in state_dict if k not in own),
-        missing_optional=[k for k in own if k not in state_dict],
+        used=[k for k in state_dict if k not in unexpected],
+        ignored=sorted(unexpected),
+        missing_optional=list(result.missing_keys),
     )
 
 

@@ -13,8 +13,12 @@ Models are built from the configs alone and then filled from the checkpoint thro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
+
+import torch
+from transformers import AutoConfig, SiglipTextModel
 
 from edje.checkpoint import LoadReport, load_into, read_state_dict
 from edje.modeling import (
@@ -60,8 +64,14 @@ class ModelSource:
         """Write ``edje_config.json`` into ``path`` (paths are stored as given)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        config = {f.name: getattr(self, f.name) for f in fields(self)}
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+    @cached_property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors, read once (weights only, never unpickled objects)."""
+        return read_state_dict(self.checkpoint)
 
     def build_indexing_model(self) -> tuple[EDJEModelForIndexing, LoadReport]:
         """Indexing model from configs, weights from the checkpoint (strictly checked)."""
@@ -73,7 +83,7 @@ class ModelSource:
             adapter_mlp_dim=self.adapter_mlp_dim,
             load_pretrained=False,
         )
-        report = load_into(model, read_state_dict(self.checkpoint))
+        report = load_into(model, self.state_dict)
         return model.eval(), report
 
     def build_ranking_model(self) -> tuple[EDJEModelForRanking, LoadReport]:
@@ -81,8 +91,24 @@ class ModelSource:
         model = EDJEModelForRanking(
             self.language_model_path, self.num_compressed_tokens, load_pretrained=False
         )
-        report = load_into(model, read_state_dict(self.checkpoint))
+        report = load_into(model, self.state_dict)
         return model.eval(), report
+
+    def build_text_model(self) -> tuple[SiglipTextModel, LoadReport | None]:
+        """The first stage's text tower: ``clip.text_model.*`` from the checkpoint if present,
+        else the SigLIP weights at ``siglip_path`` (report ``None``)."""
+        prefix = "clip.text_model."
+        if any(k.startswith(prefix) for k in self.state_dict):
+            model = SiglipTextModel(AutoConfig.from_pretrained(self.siglip_path).text_config)
+            sub = {k[len(prefix) :]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+            return model.eval(), load_into(model, sub)
+        return SiglipTextModel.from_pretrained(self.siglip_path).eval(), None
+
+    def text_tokenizer(self):
+        """The first stage's text tokenizer (SigLIP's, at ``siglip_path``)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.siglip_path)
 
     def tokenizer(self):
         """The MiniLM WordPiece tokenizer with ``<image>`` added as a special token."""

@@ -32,6 +32,19 @@ PROJECTION_COMPRESSED = "compressed"
 PROJECTION_LOCAL = "local"
 
 
+def accept_nested_siglip_names(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook: accept ``<prefix>vision_model.*`` names for a flattened ViT.
+
+    transformers 5 flattened ``SiglipVisionModel``; research checkpoints (and the seed's
+    ``load_state_dict(..., strict=False)``, which would silently skip them) use nested names.
+    """
+    nested = prefix + "vision_model."
+    if hasattr(module, "vision_model"):
+        return
+    for key in [k for k in state_dict if k.startswith(nested)]:
+        state_dict[prefix + key[len(nested) :]] = state_dict.pop(key)
+
+
 def load_vision_config(siglip_path: str) -> SiglipVisionConfig:
     """Read the vision tower's config from a SigLIP (or SigLIP2) model directory or hub name."""
     config = AutoConfig.from_pretrained(siglip_path)
@@ -153,6 +166,7 @@ class EDJEModelForIndexing(nn.Module):
         else:
             vision_config = vision_config or load_vision_config(siglip_path)
             self.vision_encoder = SiglipVisionModel(vision_config)
+        self.vision_encoder.register_load_state_dict_pre_hook(accept_nested_siglip_names)
         vcfg = self.vision_encoder.config
         if projection_type == PROJECTION_COMPRESSED:
             self.vision_projection = TokenCompressionAdapter(

@@ -4,6 +4,8 @@
   ``compressed_tokens`` FP16 [B,Q,D], ``image_embedding`` FP32 [B,E].
 * ``ranker.onnx``: ``input_ids``, ``attention_mask``, ``token_type_ids`` INT64 [B,L] and
   ``compressed_tokens`` FP16 [B,Q,D] -> ``score`` FP32 [B,1] (the matching logit).
+* ``text_encoder.onnx``: ``input_ids`` INT64 [B,L] -> ``text_embedding`` FP32 [B,E], the
+  L2-normalised first-stage (SigLIP) text embedding, in the space of ``image_embedding``.
 
 Both pass ``onnx.checker``. Models over 2 GB are written with external data.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from transformers import SiglipTextModel
 
 from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
@@ -47,6 +50,16 @@ class _RankerGraph(nn.Module):
     ) -> torch.Tensor:
         score = self.model.score_pairs(input_ids, attention_mask, token_type_ids, compressed_tokens)
         return score.unsqueeze(-1)
+
+
+class _TextEncoderGraph(nn.Module):
+    def __init__(self, model: SiglipTextModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pooled = self.model(input_ids=input_ids).pooler_output
+        return nn.functional.normalize(pooled, dim=-1)
 
 
 def _export(
@@ -120,4 +133,17 @@ def export_ranker(model: EDJEModelForRanking, path: str | Path, seq_len: int = 1
             "compressed_tokens": {0: "batch"},
             "score": {0: "batch"},
         },
+    )
+
+
+def export_text_encoder(model: SiglipTextModel, path: str | Path, seq_len: int = 16) -> Path:
+    """Export first-stage text ids -> normalised text embedding."""
+    input_ids = torch.ones((2, seq_len), dtype=torch.long)
+    return _export(
+        _TextEncoderGraph(model),
+        (input_ids,),
+        Path(path),
+        ["input_ids"],
+        ["text_embedding"],
+        {"input_ids": {0: "batch", 1: "sequence"}, "text_embedding": {0: "batch"}},
     )

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertTokenizerFast, SiglipConfig, SiglipImageProcessorPil
+from transformers import (
+    BertConfig,
+    BertTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+)
 
 from edje.model_source import ModelSource
 from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
@@ -129,8 +135,10 @@ def make_tiny_source(
             num_attention_heads=spec.vision_heads,
         ),
         text_config=dict(
-            vocab_size=1000,
+            vocab_size=tokenizer.vocab_size,
             hidden_size=spec.text_width,
+            projection_size=spec.vision_width,  # the image and text embeddings share a space
+            pad_token_id=tokenizer.pad_token_id,
             intermediate_size=spec.text_width * 4,
             num_hidden_layers=spec.text_layers,
             num_attention_heads=4,
@@ -138,6 +146,10 @@ def make_tiny_source(
         ),
     )
     siglip_config.save_pretrained(out / "siglip")
+    # The first stage's text tokenizer (SigLIP pads every text to a fixed length).
+    BertTokenizerFast(vocab=make_vocab(), do_lower_case=True, model_max_length=16).save_pretrained(
+        out / "siglip"
+    )
     SiglipImageProcessorPil(
         size={"height": spec.image_size, "width": spec.image_size},
         resample=2,  # bilinear, as SigLIP2 at fixed resolution
@@ -154,6 +166,9 @@ def make_tiny_source(
     ranking = EDJEModelForRanking(
         language_config=language_config, num_compressed_tokens=spec.num_compressed_tokens
     )
+    # The first-stage dual encoder ("clip"); EDJE's frozen ViT is its vision tower.
+    clip = SiglipModel(siglip_config)
+    indexing.vision_encoder.load_state_dict(clip.vision_model.state_dict())
     source = ModelSource(
         siglip_path="siglip",
         language_model_path="language_model",
@@ -164,18 +179,32 @@ def make_tiny_source(
         description=description or "tiny EDJE with random weights (tests only)",
         random_weights=True,
     )
-    save_checkpoint(out / source.checkpoint, indexing, ranking)
+    save_checkpoint(out / source.checkpoint, indexing, ranking, clip)
     source.save(out)
     return ModelSource.from_dir(out)
 
 
 def save_checkpoint(
-    path: Path, indexing: EDJEModelForIndexing, ranking: EDJEModelForRanking
+    path: Path,
+    indexing: EDJEModelForIndexing,
+    ranking: EDJEModelForRanking,
+    clip: SiglipModel | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Save both models' weights as one research-layout safetensors file (fp32)."""
+    """Save the models' weights as one research-layout safetensors file."""
     from safetensors.torch import save_file
 
-    tensors = {**indexing.state_dict(), **ranking.state_dict()}
+    from edje.checkpoint import to_research_layout
+
+    tensors = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
+    if clip is not None:
+        tensors.update({f"clip.{k}": v for k, v in clip.state_dict().items()})
     # safetensors refuses tensors that share memory (tied MLM decoder): store copies.
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
+    save_file(
+        {
+            k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+            for k, v in tensors.items()
+        },
+        str(path),
+    )
     return path

@@ -1,10 +1,12 @@
-"""edje_tokenizer: query text -> EDJE's pair layout, with the fast ``tokenizers`` library.
+"""Text tokenizer for Triton, with the fast ``tokenizers`` library.
 
-Every row is ``[CLS] text [SEP] <image>xQ [SEP] [PAD]...`` padded to a fixed length
-``max_length`` (64 + Q by default), with token types 0 over the text and 1 over the image part.
-Only the text is truncated. A fixed length lets Triton's dynamic batcher combine any requests
-for the ranker. Texts repeated inside one ``execute`` (one query against K candidates) are
-tokenized once.
+As ``edje_tokenizer`` (``num_image_tokens`` = Q > 0) it produces EDJE's pair layout: every row
+is ``[CLS] text [SEP] <image>xQ [SEP] [PAD]...`` padded to a fixed ``max_length`` (64 + Q by
+default), with token types 0 over the text and 1 over the image part; only the text is
+truncated. As ``edje_text_tokenizer`` (``num_image_tokens`` = 0) it pads single texts to the
+first-stage text tower's fixed length. A fixed length lets Triton's dynamic batcher combine any
+requests. Texts repeated inside one ``execute`` (one query against K candidates) are tokenized
+once.
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ IMAGE_TOKEN = "<image>"
 CHARS_PER_TOKEN_BOUND = 64
 
 
-def load_pair_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str) -> Tokenizer:
-    """A tokenizer that pads/truncates (text, image-placeholder) pairs to ``max_length``."""
+def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str) -> Tokenizer:
+    """A tokenizer that pads and truncates (the text of) every input to ``max_length``."""
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.enable_truncation(max_length=max_length, strategy="only_first")
     tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
     return tokenizer
 
 
-def encode_pairs(
+def encode_texts(
     tokenizer: Tokenizer, texts: list[str], num_image_tokens: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pair layouts for ``texts``: (input_ids, attention_mask, token_type_ids), int64 [N,L]."""
+    """(input_ids, attention_mask, token_type_ids), int64 [N,L], for ``texts``.
+
+    With ``num_image_tokens`` > 0 each text is paired with that many ``<image>`` tokens.
+    """
     unique = list(dict.fromkeys(texts))
     image_part = IMAGE_TOKEN * num_image_tokens
-    encodings = tokenizer.encode_batch([(text, image_part) for text in unique])
+    inputs = [(text, image_part) for text in unique] if num_image_tokens else unique
+    encodings = tokenizer.encode_batch(inputs)
     row = {text: i for i, text in enumerate(unique)}
     take = np.fromiter((row[t] for t in texts), dtype=np.int64, count=len(texts))
     ids = np.array([e.ids for e in encodings], dtype=np.int64)[take]
@@ -56,7 +62,7 @@ class TritonPythonModel:
         self.max_length = int(get_parameter(config, "max_length"))
         self.max_chars = self.max_length * CHARS_PER_TOKEN_BOUND
         path = Path(__file__).parent / get_parameter(config, "tokenizer_file", "tokenizer.json")
-        self.tokenizer = load_pair_tokenizer(
+        self.tokenizer = load_tokenizer(
             path,
             self.max_length,
             pad_id=int(get_parameter(config, "pad_token_id", "0")),
@@ -76,7 +82,7 @@ class TritonPythonModel:
                 texts.append([])
         flat = [t for row in texts for t in row]
         if flat:
-            ids, mask, types = encode_pairs(self.tokenizer, flat, self.num_image_tokens)
+            ids, mask, types = encode_texts(self.tokenizer, flat, self.num_image_tokens)
         responses, start = [], 0
         for n, row in enumerate(texts):
             if n in errors:
