@@ -422,6 +422,10 @@ class TokenStore:
         """All ids in insertion (row) order."""
         return list(self._ids)
 
+    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The ids of the given rows."""
+        return [self._ids[int(r)] for r in rows]
+
     def index_of(self, key: str) -> int:
         """Row number of ``key`` (dense, in commit order); ``KeyError`` if unknown."""
         try:
