@@ -1,0 +1,154 @@
+"""Recall@K for text->image and image->text retrieval: first stage alone vs EDJE re-ranking.
+
+Reads datasets in the Karpathy JSON format of the Flickr30k and COCO evaluations::
+
+    {"images": [{"filename": "1000092795.jpg", "filepath": "...", "split": "test",
+                 "sentences": [{"raw": "Two young guys ..."}, ...]}, ...]}
+
+As in the paper, the first stage ranks the whole collection by cosine similarity of SigLIP
+embeddings and EDJE re-ranks the first stage's top ``k`` (10 by default). An optional ``kind``
+field on a sentence (e.g. ``"relation"``) adds text->image R@1 per kind to the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edje_client.search import rerank_order
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class KarpathyDataset:
+    """One split: image paths, captions, and which image each caption describes."""
+
+    images: list[Path]
+    captions: list[str]
+    caption_image: np.ndarray  # int [num_captions]
+    caption_kind: list[str | None]
+
+    @classmethod
+    def load(cls, path: str | Path, split: str = "test", image_root: str | Path | None = None):
+        """Read a Karpathy JSON; image paths are relative to ``image_root`` (default: its dir)."""
+        path = Path(path)
+        root = Path(image_root) if image_root else path.parent
+        data = json.loads(path.read_text())
+        images, captions, owner, kinds = [], [], [], []
+        for entry in data["images"]:
+            if split and entry.get("split", split) != split:
+                continue
+            images.append(root / entry.get("filepath", "") / entry["filename"])
+            for sentence in entry["sentences"]:
+                captions.append(sentence["raw"])
+                owner.append(len(images) - 1)
+                kinds.append(sentence.get("kind"))
+        if not images:
+            raise ValueError(f"{path} has no images in split {split!r}")
+        return cls(images, captions, np.array(owner, dtype=np.int64), kinds)
+
+
+def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """R@K in percent from the 0-based rank of each query's first relevant item."""
+    return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def _first_relevant_rank(order: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """For each row of ``order`` (item ids, best first), the position of the first relevant."""
+    hits = relevant[np.arange(len(order))[:, None], order]
+    return np.where(hits.any(1), hits.argmax(1), order.shape[1])
+
+
+def _rerank(
+    order: np.ndarray,
+    sims: np.ndarray,
+    k: int,
+    pair_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    query_is_text: bool,
+) -> np.ndarray:
+    """Re-order each row's top ``k`` with EDJE; ``pair_scores(caption_idx, image_idx)``."""
+    k = min(k, order.shape[1])
+    queries = np.repeat(np.arange(len(order)), k)
+    candidates = order[:, :k].reshape(-1)
+    captions, images = (queries, candidates) if query_is_text else (candidates, queries)
+    scores = pair_scores(captions, images).reshape(len(order), k)
+    out = order.copy()
+    for q in range(len(order)):
+        first = sims[q, order[q, :k]]
+        out[q, :k] = order[q, :k][rerank_order(first, scores[q])]
+    return out
+
+
+def evaluate_retrieval(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    caption_image: np.ndarray,
+    pair_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    k: int = 10,
+    caption_kind: list[str | None] | None = None,
+) -> dict:
+    """Recall@1/5/10 both ways, first stage and re-ranked.
+
+    ``pair_scores(caption_indices, image_indices)`` returns EDJE's logit for each pair.
+    """
+    sims = text_embeddings @ image_embeddings.T  # [captions, images]
+    n_captions, n_images = sims.shape
+    t2i_relevant = caption_image[:, None] == np.arange(n_images)[None, :]
+    t2i_order = np.argsort(-sims, axis=1, kind="stable")
+    t2i_rerank = _rerank(t2i_order, sims, k, pair_scores, query_is_text=True)
+    i2t_order = np.argsort(-sims.T, axis=1, kind="stable")
+    i2t_rerank = _rerank(i2t_order, sims.T, k, pair_scores, query_is_text=False)
+
+    t2i_first = _first_relevant_rank(t2i_order, t2i_relevant)
+    t2i_after = _first_relevant_rank(t2i_rerank, t2i_relevant)
+    report = {
+        "k": k,
+        "num_images": n_images,
+        "num_captions": n_captions,
+        "text_to_image": {"first_stage": recalls(t2i_first), "reranked": recalls(t2i_after)},
+        "image_to_text": {
+            "first_stage": recalls(_first_relevant_rank(i2t_order, t2i_relevant.T)),
+            "reranked": recalls(_first_relevant_rank(i2t_rerank, t2i_relevant.T)),
+        },
+    }
+    kinds = sorted({c for c in caption_kind or [] if c})
+    if kinds:
+        report["text_to_image_r1_by_kind"] = {
+            kind: {
+                "queries": int(mask.sum()),
+                "first_stage": float(100 * np.mean(t2i_first[mask] < 1)),
+                "reranked": float(100 * np.mean(t2i_after[mask] < 1)),
+            }
+            for kind in kinds
+            if (mask := np.array([c == kind for c in caption_kind])).any()
+        }
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    """The report as a markdown table (first stage vs re-ranked, both directions)."""
+    head = "| Direction | Stage | " + " | ".join(f"R@{k}" for k in KS) + " |"
+    lines = [head, "|" + " --- |" * (2 + len(KS))]
+    for direction, title in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+        for stage, name in (
+            ("first_stage", "first stage"),
+            ("reranked", f"+ EDJE top-{report['k']}"),
+        ):
+            values = " | ".join(f"{report[direction][stage][f'R@{k}']:.1f}" for k in KS)
+            lines.append(f"| {title} | {name} | {values} |")
+    if "text_to_image_r1_by_kind" in report:
+        lines += [
+            "",
+            "| Caption kind | Queries | First-stage R@1 | Re-ranked R@1 |",
+            "| --- | --- | --- | --- |",
+        ]
+        for kind, row in report["text_to_image_r1_by_kind"].items():
+            lines.append(
+                f"| {kind} | {row['queries']} | {row['first_stage']:.1f} | {row['reranked']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
