@@ -11,8 +11,12 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+USERS ?= 8
+RUN_TIME ?= 30s
+PROTOCOL ?= grpc
+K ?= 10
 
-.PHONY: setup demo test test-slow repo serve lint format clean
+.PHONY: setup demo test test-slow repo serve loadtest lint format clean
 
 setup: $(STAMP)
 
@@ -43,6 +47,11 @@ $(REPO_DIR)/edje_manifest.json:
 serve: setup $(REPO_DIR)/edje_manifest.json
 	$(VENV)/bin/edje serve --model-repository $(REPO_DIR) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# Bounded headless locust run against a freshly started server; reports in build/loadtest/.
+loadtest: setup $(REPO_DIR)/edje_manifest.json
+	$(PY) loadtest/run.py --model-repository $(REPO_DIR) --users $(USERS) \
+		--run-time $(RUN_TIME) --protocol $(PROTOCOL) --k $(K)
 
 lint: setup
 	$(PY) -m ruff check .

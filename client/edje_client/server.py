@@ -9,6 +9,7 @@ stops it cleanly. It is what ``edje serve``, ``make serve`` and the test fixture
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
@@ -90,6 +92,12 @@ def server_environment() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the server if the process that started it dies (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -199,6 +207,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=server_environment(),
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
