@@ -1,0 +1,402 @@
+"""Protocol-agnostic logic shared by :class:`EDJEClient` and :class:`AsyncEDJEClient`.
+
+Building requests, parsing responses, validation, chunking, ranking and the retry policy live
+here; the two clients only send the requests (threads or asyncio) and wait.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from edje_client.errors import (
+    APIConnectionError,
+    EDJEError,
+    InvalidInputError,
+    ModelNotReadyError,
+    as_edje_error,
+)
+from edje_client.results import IndexResult, RerankResult
+from edje_client.store import TokenStore
+
+INDEX_MODEL = "edje_index"
+RANK_MODEL = "edje_rank"
+TEXT_MODEL = "edje_text_embed"
+MODELS = (INDEX_MODEL, RANK_MODEL)  # required
+OPTIONAL_MODELS = (TEXT_MODEL,)  # used when the server has them
+PROTOCOLS = ("grpc", "http")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+
+ImageLike = str | os.PathLike | bytes | Image.Image
+TokensLike = np.ndarray | Sequence[np.ndarray]
+
+# PIL modes PNG stores as they are; any other mode is converted to RGB first.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
+
+
+def default_url(protocol: str) -> str:
+    """``127.0.0.1`` with Triton's default port for ``protocol``."""
+    return f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the server is and how to talk to it: the per-protocol details of tritonclient."""
+
+    url: str
+    protocol: str
+    timeout: float
+
+    def __post_init__(self) -> None:
+        if "://" in self.url:
+            raise ValueError(f"url is host:port without a scheme, got {self.url!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
+
+    @property
+    def module(self) -> ModuleType:
+        """``tritonclient.http`` or ``tritonclient.grpc`` (their ``InferInput`` classes)."""
+        return importlib.import_module(f"tritonclient.{self.protocol}")
+
+    def client(self, aio: bool = False) -> Any:
+        """A new tritonclient ``InferenceServerClient`` (from ``.aio`` when ``aio``)."""
+        module = importlib.import_module(f"tritonclient.{self.protocol}{'.aio' if aio else ''}")
+        if self.protocol == "grpc":
+            return module.InferenceServerClient(self.url)
+        if aio:
+            return module.InferenceServerClient(self.url, conn_timeout=self.timeout)
+        return module.InferenceServerClient(
+            self.url, connection_timeout=self.timeout, network_timeout=self.timeout
+        )
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """Per-call keyword arguments (gRPC takes the deadline per call, HTTP per client)."""
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
+    @property
+    def config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``get_model_config`` that make both protocols return a dict."""
+        return {"as_json": True, **self.call_kwargs} if self.protocol == "grpc" else {}
+
+
+def check_server_state(endpoint: Endpoint, live: bool, ready: dict[str, bool]) -> None:
+    """Raise when the server is not live or a required model (:data:`MODELS`) is not ready."""
+    if not live:
+        raise APIConnectionError(f"the server at {endpoint.url} ({endpoint.protocol}) is not live")
+    for model in MODELS:
+        if not ready[model]:
+            raise ModelNotReadyError(
+                f"model {model!r} is not ready on the server at {endpoint.url}; check that the "
+                "model repository holds it and that it loaded (see the server log)"
+            )
+
+
+def unreachable(endpoint: Endpoint, error: EDJEError) -> EDJEError:
+    """``error`` restated with the server's address, for failures while connecting."""
+    return type(error)(
+        f"cannot reach the EDJE server at {endpoint.url} ({endpoint.protocol}): {error.message}",
+        error.status,
+    )
+
+
+def _dims(config: dict[str, Any], section: str, name: str) -> tuple[int, ...]:
+    for tensor in config.get(section, []):
+        if tensor["name"] == name:
+            return tuple(int(d) for d in tensor["dims"])
+    raise EDJEError(f"model {config.get('name')!r} has no {section} tensor {name!r}")
+
+
+def _max_batch(config: dict[str, Any]) -> int:
+    size = int(config.get("max_batch_size", 0))
+    if size <= 0:
+        raise EDJEError(f"model {config.get('name')!r} must batch (max_batch_size > 0)")
+    return size
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Shapes and batch limits read from the server's model configurations.
+
+    ``text_batch`` is ``None`` when the server lacks the optional ``edje_text_embed``.
+    """
+
+    num_tokens: int
+    token_width: int
+    embedding_dim: int
+    index_batch: int
+    rank_batch: int
+    text_batch: int | None = None
+
+    @classmethod
+    def from_configs(
+        cls,
+        index_config: dict[str, Any],
+        rank_config: dict[str, Any],
+        text_config: dict[str, Any] | None = None,
+    ) -> ServerSpec:
+        """Parse the models' configurations (either protocol's JSON)."""
+        index_config = index_config.get("config", index_config)
+        rank_config = rank_config.get("config", rank_config)
+        q, d = _dims(index_config, "output", "compressed_tokens")
+        (e,) = _dims(index_config, "output", "image_embedding")
+        rank_dims = _dims(rank_config, "input", "compressed_tokens")
+        if rank_dims != (q, d):
+            raise EDJEError(
+                f"server models disagree: {INDEX_MODEL} makes tokens {[q, d]} but {RANK_MODEL} "
+                f"takes {list(rank_dims)}"
+            )
+        text_batch = None
+        if text_config is not None:
+            text_config = text_config.get("config", text_config)
+            text_batch = _max_batch(text_config)
+            if _dims(text_config, "output", "text_embedding") != (e,):
+                raise EDJEError(f"server models disagree on the embedding size {e}")
+        return cls(q, d, e, _max_batch(index_config), _max_batch(rank_config), text_batch)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One inference request, independent of protocol and of sync/async."""
+
+    model: str
+    inputs: tuple[tuple[str, np.ndarray, str], ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        """Rows in the request (for progress bars)."""
+        return len(self.inputs[0][1])
+
+    def infer_args(self, module: ModuleType) -> dict[str, Any]:
+        """Keyword arguments of ``InferenceServerClient.infer`` built with ``module``'s classes."""
+        inputs = []
+        for name, array, dtype in self.inputs:
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [module.InferRequestedOutput(name) for name in self.outputs]
+        return {"model_name": self.model, "inputs": inputs, "outputs": outputs}
+
+    def parse(self, result: Any) -> dict[str, np.ndarray]:
+        """Output name -> array of an ``InferResult``."""
+        arrays = {name: result.as_numpy(name) for name in self.outputs}
+        missing = [name for name, array in arrays.items() if array is None]
+        if missing:
+            raise EDJEError(f"the response of {self.model!r} lacks outputs {missing}")
+        return arrays
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _bytes_column(items: Sequence[bytes]) -> np.ndarray:
+    column = np.empty((len(items), 1), dtype=object)
+    column[:, 0] = list(items)
+    return column
+
+
+def encode_image(item: ImageLike) -> bytes:
+    """Encoded image bytes of a path, raw bytes, or a PIL image (encoded as PNG)."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, Image.Image):
+        image = item if item.mode in _PNG_MODES else item.convert("RGB")
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return buf.getvalue()
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with open(item, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read image {os.fspath(item)!r}: {exc}") from exc
+    raise InvalidInputError(
+        f"an image must be a path, bytes or a PIL image, got {type(item).__name__}"
+    )
+
+
+def index_calls(images: Sequence[ImageLike], spec: ServerSpec) -> list[Call]:
+    """``edje_index`` requests for ``images``, at most the server's max batch size each."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+        raise InvalidInputError("images must be a list (wrap a single image in a list)")
+    payloads = [encode_image(item) for item in images]
+    return [
+        Call(
+            INDEX_MODEL,
+            (("image", _bytes_column(payloads[s]), "BYTES"),),
+            ("compressed_tokens", "image_embedding"),
+        )
+        for s in _chunks(len(payloads), spec.index_batch)
+    ]
+
+
+def _concat(outputs: list[dict[str, np.ndarray]], name: str, empty: np.ndarray) -> np.ndarray:
+    """Output ``name`` of every request, in request order (``empty`` sets shape and dtype)."""
+    return np.concatenate([empty, *(o[name] for o in outputs)])
+
+
+def merge_index(outputs: list[dict[str, np.ndarray]], spec: ServerSpec) -> IndexResult:
+    """Concatenate per-request ``edje_index`` outputs."""
+    no_tokens = np.zeros((0, spec.num_tokens, spec.token_width), np.float16)
+    return IndexResult(
+        _concat(outputs, "compressed_tokens", no_tokens),
+        _concat(outputs, "image_embedding", np.zeros((0, spec.embedding_dim), np.float32)),
+    )
+
+
+def as_tokens(tokens: TokensLike, spec: ServerSpec) -> np.ndarray:
+    """``tokens`` as a C-contiguous float16 ``[N, Q, D]`` array, checked against the server."""
+    q, d = spec.num_tokens, spec.token_width
+    if isinstance(tokens, (list, tuple)):
+        if not tokens:
+            return np.zeros((0, q, d), dtype=np.float16)
+        try:
+            tokens = np.stack([np.asarray(t) for t in tokens])
+        except ValueError as exc:
+            raise InvalidInputError(f"token blocks must all have shape [{q}, {d}]: {exc}") from exc
+    array = np.asarray(tokens)
+    if array.ndim != 3 or array.shape[1:] != (q, d):
+        raise InvalidInputError(f"tokens must have shape [N, {q}, {d}], got {list(array.shape)}")
+    if array.dtype.kind not in "fiu":
+        raise InvalidInputError(f"tokens must be a float array, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, dtype=np.float16)
+    if not np.isfinite(array).all():
+        raise InvalidInputError("tokens hold NaN or infinite values (or values beyond float16)")
+    return array
+
+
+def as_texts(texts: str | Sequence[str], n: int) -> list[str]:
+    """``texts`` as ``n`` strings: one string is repeated, a list must hold exactly ``n``."""
+    if isinstance(texts, str):
+        return [texts] * n
+    texts = list(texts)
+    if len(texts) != n:
+        raise InvalidInputError(f"got {len(texts)} texts for {n} token blocks")
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InvalidInputError(f"texts must be str, got {type(bad).__name__}")
+    return texts
+
+
+def rank_calls(texts: str | Sequence[str], tokens: TokensLike, spec: ServerSpec) -> list[Call]:
+    """``edje_rank`` requests scoring each text against its token block."""
+    array = as_tokens(tokens, spec)
+    encoded = [t.encode("utf-8") for t in as_texts(texts, len(array))]
+    return [
+        Call(
+            RANK_MODEL,
+            (("text", _bytes_column(encoded[s]), "BYTES"), ("compressed_tokens", array[s], "FP16")),
+            ("score",),
+        )
+        for s in _chunks(len(array), spec.rank_batch)
+    ]
+
+
+def merge_scores(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Concatenate per-request ``edje_rank`` scores into float32 ``[N]``."""
+    return _concat(outputs, "score", np.zeros((0, 1), np.float32))[:, 0]
+
+
+def text_calls(texts: Sequence[str], spec: ServerSpec) -> list[Call]:
+    """``edje_text_embed`` requests for ``texts``."""
+    if spec.text_batch is None:
+        raise ModelNotReadyError(f"the server has no {TEXT_MODEL!r} model to embed texts")
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list (wrap a single text in a list)")
+    encoded = [t.encode("utf-8") for t in as_texts(texts, len(texts))]
+    return [
+        Call(TEXT_MODEL, (("text", _bytes_column(encoded[s]), "BYTES"),), ("text_embedding",))
+        for s in _chunks(len(encoded), spec.text_batch)
+    ]
+
+
+def merge_text_embeddings(outputs: list[dict[str, np.ndarray]], spec: ServerSpec) -> np.ndarray:
+    """Concatenate per-request ``edje_text_embed`` outputs into float32 ``[N, E]``."""
+    return _concat(outputs, "text_embedding", np.zeros((0, spec.embedding_dim), np.float32))
+
+
+def check_rerank_args(query: str, n: int, top_n: int | None, ids: Sequence[str] | None) -> None:
+    """Raise :class:`InvalidInputError` for a bad ``rerank`` query, ``top_n`` or ``ids``."""
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise InvalidInputError(f"top_n must be a non-negative int or None, got {top_n!r}")
+    if ids is not None and len(ids) != n:
+        raise InvalidInputError(f"got {len(ids)} ids for {n} documents")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, without overflow for large ``|x|``."""
+    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))).astype(np.float32)
+
+
+def rank_results(
+    scores: np.ndarray, top_n: int | None, probabilities: bool, ids: Sequence[str] | None
+) -> list[RerankResult]:
+    """Results sorted best first (ties keep document order), cut to ``top_n``."""
+    order = np.argsort(-scores, kind="stable")[:top_n]
+    values = sigmoid(scores) if probabilities else scores
+    return [RerankResult(int(i), float(values[i]), None if ids is None else ids[i]) for i in order]
+
+
+def store_documents(store: TokenStore, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
+    """``(ids, tokens)`` of ``ids`` (all, in row order, when ``None``) from a token store."""
+    if isinstance(ids, str):
+        raise InvalidInputError("ids must be a list of str, not a single string")
+    ids = store.ids() if ids is None else list(ids)
+    try:
+        return ids, store.get(ids)
+    except KeyError as exc:
+        raise InvalidInputError(f"{exc.args[0]} in token store {store.path}") from exc
+
+
+def progress_bar(calls: list[Call], enabled: bool, unit: str) -> tqdm:
+    """A tqdm bar over the rows of ``calls`` (disabled unless ``enabled``)."""
+    return tqdm(total=sum(c.size for c in calls), disable=not enabled, unit=unit, leave=False)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for retryable errors.
+
+    Attempt ``k`` (0-based) that fails with a retryable error is followed by a pause drawn
+    uniformly from ``[0, min(max_delay, base_delay * 2**k)]``, up to ``max_retries`` times.
+    """
+
+    max_retries: int = 2
+    base_delay: float = 0.1
+    max_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative int, got {self.max_retries!r}")
+
+    def backoff(self, exc: BaseException, attempt: int) -> float:
+        """Seconds to wait before retrying after ``attempt`` failed with ``exc``.
+
+        Raises the :class:`EDJEError` for ``exc`` when it is not retryable or the retries are
+        spent, and ``exc`` itself when it is not a known kind of error.
+        """
+        error = as_edje_error(exc)
+        if error is None:
+            raise exc
+        if not error.retryable or attempt >= self.max_retries:
+            if error is exc:
+                raise error
+            raise error from exc
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2**attempt))

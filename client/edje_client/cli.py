@@ -1,0 +1,325 @@
+"""The ``edje`` command: index images into a token store, re-rank them, serve the repository.
+
+Exit codes: 0 success, 1 an error (server, network, some images rejected), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edje_client.client import EDJEClient
+from edje_client.errors import EDJEError, InvalidInputError
+from edje_client.server import DEFAULT_HOST, TritonServer
+from edje_client.server import ServerError as LaunchError
+from edje_client.store import StoreCorruptError, StoreLockedError, TokenStore
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+SHOWN_FAILURES = 5
+
+INDEX_EXAMPLES = """\
+examples:
+  edje index photos/ --store tokens/            every image under photos/, ids like "2024/a.jpg"
+  edje index a.jpg b.png --store tokens/        ids "a.jpg" and "b.png"
+  edje index photos/ --store tokens/ --protocol http --url 10.0.0.5:8000
+
+Ids already in the store are skipped, so an interrupted run can simply be repeated.
+"""
+
+RERANK_EXAMPLES = """\
+examples:
+  edje rerank "a dog catching a frisbee" --store tokens/ --top-n 5
+  edje rerank "a red car" --store tokens/ --ids a.jpg b.png --probabilities
+"""
+
+SERVE_EXAMPLES = """\
+examples:
+  edje serve                                    build/model_repository on 127.0.0.1:8000/8001
+  edje serve --http-port 9000 --grpc-port 9001 --metrics-port 9002
+
+Build the repository first with `make repo`. Stop with Ctrl+C (or SIGTERM).
+"""
+
+
+class UsageError(Exception):
+    """A bad path or argument (exit code 2)."""
+
+
+def find_images(paths: Sequence[str]) -> tuple[list[tuple[str, Path]], int]:
+    """``(id, path)`` of every image named or found (recursively) under ``paths``.
+
+    A directory's images get their path relative to it as id; a file given by name gets its
+    file name. Returns the pairs in order and how many repeated ids were dropped.
+    """
+    found: dict[str, Path] = {}
+    repeated = 0
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files = [
+                (f.relative_to(path).as_posix(), f)
+                for f in sorted(path.rglob("*"))
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            ]
+        elif path.is_file():
+            files = [(path.name, path)]
+        else:
+            raise UsageError(f"no such file or directory: {arg}")
+        for image_id, file in files:
+            repeated += image_id in found
+            found.setdefault(image_id, file)
+    return list(found.items()), repeated
+
+
+def index_batch(
+    client: EDJEClient, batch: list[tuple[str, Path]]
+) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]]]:
+    """Index a batch; if it is rejected, index its images one by one to find the bad ones.
+
+    Returns the ids indexed, their tokens (``None`` when none) and ``(id, message)`` of each
+    rejected image.
+    """
+    try:
+        return [i for i, _ in batch], client.index([p for _, p in batch]).tokens, []
+    except InvalidInputError:
+        pass
+    ids, tokens, failures = [], [], []
+    for image_id, path in batch:
+        try:
+            tokens.append(client.index([path]).tokens)
+            ids.append(image_id)
+        except InvalidInputError as err:
+            failures.append((image_id, err.message))
+    return ids, np.concatenate(tokens) if tokens else None, failures
+
+
+def open_store(path: str, **kwargs: object) -> TokenStore:
+    """A :class:`TokenStore`, with a missing or mismatched store as a usage error."""
+    try:
+        return TokenStore(path, **kwargs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    images, repeated = find_images(args.paths)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    failures: list[tuple[str, str]] = []
+    with EDJEClient(args.url, args.protocol) as client:
+        shape = {"num_tokens": client.num_tokens, "width": client.token_width}
+        with open_store(args.store, **shape) as store:
+            todo = [(i, p) for i, p in images if i not in store]
+            with tqdm(total=len(todo), unit="img", desc="indexing", leave=False) as bar:
+                for start in range(0, len(todo), args.batch_size):
+                    batch = todo[start : start + args.batch_size]
+                    ids, tokens, failed = index_batch(client, batch)
+                    if ids:
+                        store.put(ids, tokens)
+                    failures += failed
+                    bar.update(len(batch))
+            total = len(store)
+    indexed = len(todo) - len(failures)
+    print(
+        f"indexed {indexed} images into {args.store} ({total} in the store); "
+        f"{len(images) - len(todo)} already there, {len(failures)} rejected"
+        + (f", {repeated} repeated ids ignored" if repeated else "")
+    )
+    if failures:
+        print(f"edje index: {len(failures)} image(s) rejected:", file=sys.stderr)
+        for image_id, message in failures[:SHOWN_FAILURES]:
+            print(f"  {image_id}: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_rerank(args: argparse.Namespace) -> int:
+    if args.top_n is not None and args.top_n < 0:
+        raise UsageError("--top-n must be non-negative")
+    with open_store(args.store, readonly=True) as store:
+        if not len(store):
+            print(f"the store {args.store} is empty; fill it with `edje index`")
+            return 0
+        with EDJEClient(args.url, args.protocol) as client:
+            results = client.rerank_store(
+                args.query, store, args.ids, args.top_n, args.probabilities
+            )
+    label = "probability" if args.probabilities else "score"
+    print(f"{'rank':>4}  {label:>11}  id")
+    for rank, result in enumerate(results, 1):
+        print(f"{rank:>4}  {result.score:>11.4f}  {result.id}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    repository = Path(args.model_repository)
+    if not repository.is_dir():
+        raise UsageError(f"model repository not found: {repository} (build it with `make repo`)")
+    server = TritonServer(
+        repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+    )
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    try:
+        try:
+            server.start()
+        except LaunchError as err:
+            if server.process is None:  # refused before launch: a taken port, a bad path
+                raise UsageError(str(err)) from err
+            raise EDJEError(str(err)) from err
+        print(
+            f"serving {repository}\n"
+            f"  HTTP     http://{server.http_url}\n"
+            f"  gRPC     {server.grpc_url}\n"
+            f"  metrics  http://{server.host}:{server.metrics_port}/metrics\n"
+            f"  log      {server.log_file}\n"
+            "Press Ctrl+C to stop.",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                raise EDJEError(
+                    f"tritonserver exited with code {server.process.returncode}:\n"
+                    f"{server.log_tail()}"
+                )
+        print("stopping the server", flush=True)
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("server")
+    group.add_argument(
+        "--url",
+        help="server host:port (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)",
+    )
+    group.add_argument(
+        "--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s"
+    )
+    return parent
+
+
+def _add_command(
+    commands: argparse._SubParsersAction,
+    func: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+    examples: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    name = func.__name__.removeprefix("cmd_")
+    parser = commands.add_parser(
+        name,
+        parents=list(parents),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help=summary,
+        description=description,
+        epilog=examples,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``edje`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="edje",
+        description="EDJE vision-language re-ranking on Triton: index images, re-rank them "
+        "for a text query, serve the model repository.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    server = [_connection_options()]
+
+    p = _add_command(
+        commands,
+        cmd_index,
+        "index images into a token store",
+        "Index images (jpg, jpeg, png, webp, gif, bmp, tiff; directories are searched "
+        "recursively) and write their compressed tokens to a token store.",
+        INDEX_EXAMPLES,
+        server,
+    )
+    p.add_argument("paths", nargs="+", metavar="DIR|FILE", help="directories or image files")
+    p.add_argument("--store", required=True, help="token store directory (created if missing)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images indexed and committed to the store per step (default: %(default)s)",
+    )
+
+    p = _add_command(
+        commands,
+        cmd_rerank,
+        "re-rank stored images for a text query",
+        "Score a text query against images in a token store; print them best first.",
+        RERANK_EXAMPLES,
+        server,
+    )
+    p.add_argument("query", help="the text query")
+    p.add_argument("--store", required=True, help="token store directory")
+    p.add_argument("--ids", nargs="+", metavar="ID", help="only these ids (default: all)")
+    p.add_argument("--top-n", type=int, help="show only the best N (default: all)")
+    p.add_argument(
+        "--probabilities", action="store_true", help="print sigmoid(logit) instead of logits"
+    )
+
+    p = _add_command(
+        commands,
+        cmd_serve,
+        "serve a model repository with the embedded tritonserver",
+        "Run tritonserver on a model repository in the foreground.",
+        SERVE_EXAMPLES,
+    )
+    p.add_argument(
+        "--model-repository",
+        default="build/model_repository",
+        help="repository directory (default: %(default)s)",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
+    for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        p.add_argument(f"--{name}-port", type=int, default=port, help="default: %(default)s")
+    p.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``edje`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage errors
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"edje {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (EDJEError, StoreLockedError, StoreCorruptError) as err:
+        print(f"edje {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
