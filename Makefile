@@ -16,7 +16,10 @@ RUN_TIME ?= 30s
 PROTOCOL ?= grpc
 K ?= 10
 
-.PHONY: setup demo test test-slow repo serve loadtest lint format clean
+DATASET ?=
+EVAL_DIR ?= build/eval
+
+.PHONY: setup demo test test-slow repo serve eval loadtest lint format clean
 
 setup: $(STAMP)
 
@@ -47,6 +50,16 @@ $(REPO_DIR)/edje_manifest.json:
 serve: setup $(REPO_DIR)/edje_manifest.json
 	$(VENV)/bin/edje serve --model-repository $(REPO_DIR) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# Recall@1/5/10, first stage vs EDJE re-ranking. DATASET=path/to/karpathy.json, else the
+# synthetic world's held-out test split.
+eval: setup $(REPO_DIR)/edje_manifest.json
+ifeq ($(DATASET),)
+	$(PY) -c "from edje.synthetic import write_karpathy; write_karpathy('$(EVAL_DIR)/synthetic', 'test')"
+	$(VENV)/bin/edje eval $(EVAL_DIR)/synthetic/dataset.json --serve $(REPO_DIR) --out $(EVAL_DIR)/report
+else
+	$(VENV)/bin/edje eval $(DATASET) --serve $(REPO_DIR) --out $(EVAL_DIR)/report
+endif
 
 # Bounded headless locust run against a freshly started server; reports in build/loadtest/.
 loadtest: setup $(REPO_DIR)/edje_manifest.json

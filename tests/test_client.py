@@ -464,7 +464,7 @@ def test_cli_index_then_rerank(url, protocol, tmp_path, capsys):
     assert main(["rerank", "a green square", "--store", str(store), "--top-n", "3", *server]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "id"] and len(lines) == 4
-    with TokenStore(store, readonly=True) as reader, EDJEClient(url, protocol) as client:
+    with TokenStore(store / "tokens", readonly=True) as reader, EDJEClient(url, protocol) as client:
         assert sorted(reader.ids()) == ["0.png", "2.png", "4.png", "sub/1.png", "sub/3.png"]
         expected = client.rerank_store("a green square", reader, top_n=3)
     assert [line.split()[2] for line in lines[1:]] == [r.id for r in expected]
@@ -484,7 +484,7 @@ def test_cli_reports_rejected_images(url, protocol, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "indexed 3 images" in captured.out and "1 rejected" in captured.out
     assert "broken.png: " in captured.err and "cannot decode" in captured.err
-    with TokenStore(store, readonly=True) as reader:
+    with TokenStore(store / "tokens", readonly=True) as reader:
         assert len(reader) == 3
 
 
@@ -492,7 +492,7 @@ def test_cli_usage_and_connection_errors(tmp_path, capsys):
     assert main(["index", str(tmp_path / "missing"), "--store", str(tmp_path / "s")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["rerank", "dog", "--store", str(tmp_path / "missing")]) == 2
-    assert "no token store" in capsys.readouterr().err
+    assert "no store at" in capsys.readouterr().err
     assert main(["serve", "--model-repository", str(tmp_path / "missing")]) == 2
     assert "make repo" in capsys.readouterr().err
     assert main([]) == 2

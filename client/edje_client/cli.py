@@ -1,4 +1,7 @@
-"""The ``edje`` command: index images into a token store, re-rank them, serve the repository.
+"""The ``edje`` command: index images, search and re-rank them, evaluate, serve the repository.
+
+A *store* (``--store``) is an :class:`~edje_client.collection.ImageCollection` directory: the
+EDJE tokens (a token store in ``tokens/``), the first-stage embeddings and their ANN index.
 
 Exit codes: 0 success, 1 an error (server, network, some images rejected), 2 a usage error.
 """
@@ -6,6 +9,8 @@ Exit codes: 0 success, 1 an error (server, network, some images rejected), 2 a u
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import signal
 import sys
 import threading
@@ -16,27 +21,47 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edje_client.client import EDJEClient
+from edje_client.collection import ImageCollection
 from edje_client.errors import EDJEError, InvalidInputError
+from edje_client.evaluation import KarpathyDataset, evaluate_with_client, markdown_table
+from edje_client.results import IndexResult
+from edje_client.search import search
 from edje_client.server import DEFAULT_HOST, TritonServer
 from edje_client.server import ServerError as LaunchError
-from edje_client.store import StoreCorruptError, StoreLockedError, TokenStore
+from edje_client.store import StoreCorruptError, StoreLockedError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SHOWN_FAILURES = 5
 
 INDEX_EXAMPLES = """\
 examples:
-  edje index photos/ --store tokens/            every image under photos/, ids like "2024/a.jpg"
-  edje index a.jpg b.png --store tokens/        ids "a.jpg" and "b.png"
-  edje index photos/ --store tokens/ --protocol http --url 10.0.0.5:8000
+  edje index photos/ --store store/             every image under photos/, ids like "2024/a.jpg"
+  edje index a.jpg b.png --store store/         ids "a.jpg" and "b.png"
+  edje index photos/ --store store/ --protocol http --url 10.0.0.5:8000
 
 Ids already in the store are skipped, so an interrupted run can simply be repeated.
 """
 
 RERANK_EXAMPLES = """\
 examples:
-  edje rerank "a dog catching a frisbee" --store tokens/ --top-n 5
-  edje rerank "a red car" --store tokens/ --ids a.jpg b.png --probabilities
+  edje rerank "a dog catching a frisbee" --store store/ --top-n 5
+  edje rerank "a red car" --store store/ --ids a.jpg b.png --probabilities
+"""
+
+SEARCH_EXAMPLES = """\
+examples:
+  edje search "a dog catching a frisbee" --store store/
+  edje search "a red car" --store store/ -k 5 --rerank-top-k 50 --timings
+  edje search "a red car" --store store/ --rerank-top-k 0      first stage only
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  edje eval dataset_flickr30k.json --images-root flickr30k-images/ --out results/flickr
+  edje eval data/test.json -k 10 --split test
+  edje eval data/test.json --serve build/model_repository     no running server needed
+
+Writes <out>.json and <out>.md (Recall@1/5/10, first stage vs EDJE re-ranking of the top k).
 """
 
 SERVE_EXAMPLES = """\
@@ -80,30 +105,36 @@ def find_images(paths: Sequence[str]) -> tuple[list[tuple[str, Path]], int]:
 
 def index_batch(
     client: EDJEClient, batch: list[tuple[str, Path]]
-) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]]]:
+) -> tuple[list[str], IndexResult | None, list[tuple[str, str]]]:
     """Index a batch; if it is rejected, index its images one by one to find the bad ones.
 
-    Returns the ids indexed, their tokens (``None`` when none) and ``(id, message)`` of each
-    rejected image.
+    Returns the ids indexed, their tokens and embeddings (``None`` when none) and
+    ``(id, message)`` of each rejected image.
     """
     try:
-        return [i for i, _ in batch], client.index([p for _, p in batch]).tokens, []
+        return [i for i, _ in batch], client.index([p for _, p in batch]), []
     except InvalidInputError:
         pass
-    ids, tokens, failures = [], [], []
+    ids, results, failures = [], [], []
     for image_id, path in batch:
         try:
-            tokens.append(client.index([path]).tokens)
+            results.append(client.index([path]))
             ids.append(image_id)
         except InvalidInputError as err:
             failures.append((image_id, err.message))
-    return ids, np.concatenate(tokens) if tokens else None, failures
+    if not results:
+        return ids, None, failures
+    merged = IndexResult(
+        tokens=np.concatenate([r.tokens for r in results]),
+        embeddings=np.concatenate([r.embeddings for r in results]),
+    )
+    return ids, merged, failures
 
 
-def open_store(path: str, **kwargs: object) -> TokenStore:
-    """A :class:`TokenStore`, with a missing or mismatched store as a usage error."""
+def open_collection(path: str, readonly: bool = False) -> ImageCollection:
+    """An :class:`ImageCollection`, with a missing or mismatched store as a usage error."""
     try:
-        return TokenStore(path, **kwargs)
+        return ImageCollection(path, readonly=readonly)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
@@ -113,19 +144,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     failures: list[tuple[str, str]] = []
-    with EDJEClient(args.url, args.protocol) as client:
-        shape = {"num_tokens": client.num_tokens, "width": client.token_width}
-        with open_store(args.store, **shape) as store:
-            todo = [(i, p) for i, p in images if i not in store]
-            with tqdm(total=len(todo), unit="img", desc="indexing", leave=False) as bar:
-                for start in range(0, len(todo), args.batch_size):
-                    batch = todo[start : start + args.batch_size]
-                    ids, tokens, failed = index_batch(client, batch)
-                    if ids:
-                        store.put(ids, tokens)
-                    failures += failed
-                    bar.update(len(batch))
-            total = len(store)
+    with EDJEClient(args.url, args.protocol) as client, open_collection(args.store) as store:
+        todo = [(i, p) for i, p in images if i not in store.store]
+        with tqdm(total=len(todo), unit="img", desc="indexing", leave=False) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start : start + args.batch_size]
+                ids, result, failed = index_batch(client, batch)
+                if ids:
+                    store.add(ids, result.tokens, result.embeddings)
+                failures += failed
+                bar.update(len(batch))
+        total = len(store)
     indexed = len(todo) - len(failures)
     print(
         f"indexed {indexed} images into {args.store} ({total} in the store); "
@@ -142,18 +171,61 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_rerank(args: argparse.Namespace) -> int:
     if args.top_n is not None and args.top_n < 0:
         raise UsageError("--top-n must be non-negative")
-    with open_store(args.store, readonly=True) as store:
-        if not len(store):
+    with open_collection(args.store, readonly=True) as collection:
+        if not len(collection):
             print(f"the store {args.store} is empty; fill it with `edje index`")
             return 0
         with EDJEClient(args.url, args.protocol) as client:
             results = client.rerank_store(
-                args.query, store, args.ids, args.top_n, args.probabilities
+                args.query, collection.store, args.ids, args.top_n, args.probabilities
             )
     label = "probability" if args.probabilities else "score"
     print(f"{'rank':>4}  {label:>11}  id")
     for rank, result in enumerate(results, 1):
         print(f"{rank:>4}  {result.score:>11.4f}  {result.id}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.k < 1 or (args.rerank_top_k is not None and args.rerank_top_k < 0):
+        raise UsageError("-k must be at least 1 and --rerank-top-k non-negative")
+    with open_collection(args.store, readonly=True) as collection:
+        if not len(collection):
+            raise UsageError(f"the store {args.store} is empty; fill it with `edje index`")
+        with EDJEClient(args.url, args.protocol) as client:
+            response = search(client, collection, args.query, args.k, args.rerank_top_k)
+    print(f"{'rank':>4}  {'edje':>8}  {'first':>6}  {'was':>4}  id")
+    for rank, hit in enumerate(response.hits, 1):
+        edje = f"{hit.score:8.3f}" if hit.score is not None else f"{'-':>8}"
+        was = hit.first_stage_rank + 1
+        print(f"{rank:>4}  {edje}  {hit.first_stage_score:6.3f}  {was:>4}  {hit.id}")
+    if args.timings:
+        print("  ".join(f"{k} {v:.1f} ms" for k, v in response.timings_ms.items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        dataset = KarpathyDataset.load(args.dataset, args.split, args.images_root)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot read {args.dataset}: {exc}") from exc
+    missing = [p for p in dataset.images if not p.is_file()]
+    if missing:
+        raise UsageError(f"{len(missing)} images not found, e.g. {missing[0]} (see --images-root)")
+    with contextlib.ExitStack() as stack:
+        url = args.url
+        if args.serve:  # a private embedded server for this run, on free loopback ports
+            server = TritonServer(Path(args.serve), http_port=0, grpc_port=0, metrics_port=0)
+            url = stack.enter_context(server).url(args.protocol)
+        client = stack.enter_context(EDJEClient(url, args.protocol))
+        report = evaluate_with_client(client, dataset, k=args.k, progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -256,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         server,
     )
     p.add_argument("paths", nargs="+", metavar="DIR|FILE", help="directories or image files")
-    p.add_argument("--store", required=True, help="token store directory (created if missing)")
+    p.add_argument("--store", required=True, help="store directory (created if missing)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -273,11 +345,52 @@ def build_parser() -> argparse.ArgumentParser:
         server,
     )
     p.add_argument("query", help="the text query")
-    p.add_argument("--store", required=True, help="token store directory")
+    p.add_argument("--store", required=True, help="store directory (from `edje index`)")
     p.add_argument("--ids", nargs="+", metavar="ID", help="only these ids (default: all)")
     p.add_argument("--top-n", type=int, help="show only the best N (default: all)")
     p.add_argument(
         "--probabilities", action="store_true", help="print sigmoid(logit) instead of logits"
+    )
+
+    p = _add_command(
+        commands,
+        cmd_search,
+        "search stored images for a text query (first stage + EDJE)",
+        "Find the images nearest to a text query by first-stage (SigLIP) embeddings, then "
+        "re-rank the best candidates with EDJE. Re-ranked candidates come first; the others "
+        "keep their first-stage order ('was' is the first-stage rank).",
+        SEARCH_EXAMPLES,
+        server,
+    )
+    p.add_argument("query", help="the text query")
+    p.add_argument("--store", required=True, help="store directory (from `edje index`)")
+    p.add_argument("-k", type=int, default=10, help="results to show (default: %(default)s)")
+    p.add_argument(
+        "--rerank-top-k",
+        type=int,
+        help="first-stage candidates EDJE re-ranks (default: k; 0 = first stage only)",
+    )
+    p.add_argument("--timings", action="store_true", help="print where the time went")
+
+    p = _add_command(
+        commands,
+        cmd_eval,
+        "Recall@K of first stage vs EDJE re-ranking on a Karpathy-format dataset",
+        "Index a dataset's images, embed its captions, and report Recall@1/5/10 for "
+        "text->image and image->text: the first stage alone, and after EDJE re-ranks its "
+        "top k (as in the EDJE paper).",
+        EVAL_EXAMPLES,
+        server,
+    )
+    p.add_argument("dataset", help="Karpathy-format JSON (images with sentences)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--images-root", help="directory of the image files (default: the JSON's)")
+    p.add_argument("-k", type=int, default=10, help="candidates re-ranked (default: 10)")
+    p.add_argument("--out", default="build/eval/report", help="output path without suffix")
+    p.add_argument(
+        "--serve",
+        metavar="REPOSITORY",
+        help="start the embedded server on this model repository for the run (ignores --url)",
     )
 
     p = _add_command(
@@ -314,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (EDJEError, StoreLockedError, StoreCorruptError) as err:
+    except (EDJEError, StoreLockedError, StoreCorruptError, LookupError) as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ class ImageCollection:
     ) -> None:
         self.path = Path(path)
         if readonly and not (self.path / "tokens").is_dir():
-            raise FileNotFoundError(f"no image collection at {self.path}")
+            raise FileNotFoundError(f"no store at {self.path} (fill one with `edje index`)")
         self.path.mkdir(parents=True, exist_ok=True)
         self.store = TokenStore(self.path / "tokens", readonly=readonly)
         self.exact_limit = exact_limit

@@ -152,3 +152,25 @@ def markdown_table(report: dict) -> str:
                 f"| {kind} | {row['queries']} | {row['first_stage']:.1f} | {row['reranked']:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def evaluate_with_client(
+    client, dataset: KarpathyDataset, k: int = 10, progress: bool = False
+) -> dict:
+    """Index ``dataset`` through the server, embed its captions, and evaluate (see
+    :func:`evaluate_retrieval`). ``client`` is an :class:`~edje_client.EDJEClient`."""
+    indexed = client.index(dataset.images, progress=progress)
+    text_embeddings = client.embed_texts(dataset.captions, progress=progress)
+
+    def pair_scores(captions: np.ndarray, images: np.ndarray) -> np.ndarray:
+        texts = [dataset.captions[i] for i in captions]
+        return client.score(texts, indexed.tokens[images], progress=progress)
+
+    return evaluate_retrieval(
+        indexed.embeddings,
+        text_embeddings,
+        dataset.caption_image,
+        pair_scores,
+        k,
+        dataset.caption_kind,
+    )
