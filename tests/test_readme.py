@@ -25,3 +25,21 @@ def test_curl_request_to_edje_rank(triton_server, tmp_path):
     (score,) = answer["outputs"]
     assert score["name"] == "score" and score["shape"] == [1, 1]
     assert isinstance(score["data"][0], float)
+
+
+def test_python_api_example(triton_server, tmp_path, monkeypatch, capsys):
+    from tests.images import encode, noise
+
+    (block,) = [b for b in _blocks("python") if "EDJEClient(" in b]
+    (tmp_path / "photos").mkdir()
+    for i in range(6):
+        (tmp_path / "photos" / f"{i}.png").write_bytes(encode(noise(40, 30, seed=i)))
+    monkeypatch.chdir(tmp_path)
+    code = block.replace("127.0.0.1:8001", triton_server.grpc_url)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if "(document" in line]) == 3
+    assert sum(line.split()[0].endswith(".png") for line in lines) == 5  # the search hits
+    from edje_client.collection import ImageCollection
+
+    assert len(ImageCollection(tmp_path / "store", readonly=True)) == 6
