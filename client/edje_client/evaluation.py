@@ -155,11 +155,13 @@ def markdown_table(report: dict) -> str:
 
 
 def evaluate_with_client(
-    client, dataset: KarpathyDataset, k: int = 10, progress: bool = False
+    client, dataset: KarpathyDataset, k: int = 10, progress: bool = False, indexed=None
 ) -> dict:
-    """Index ``dataset`` through the server, embed its captions, and evaluate (see
-    :func:`evaluate_retrieval`). ``client`` is an :class:`~edje_client.EDJEClient`."""
-    indexed = client.index(dataset.images, progress=progress)
+    """Index ``dataset`` through the server (unless ``indexed``, an ``IndexResult``, is given),
+    embed its captions, and evaluate (see :func:`evaluate_retrieval`). ``client`` is an
+    :class:`~edje_client.EDJEClient`."""
+    if indexed is None:
+        indexed = client.index(dataset.images, progress=progress)
     text_embeddings = client.embed_texts(dataset.captions, progress=progress)
 
     def pair_scores(captions: np.ndarray, images: np.ndarray) -> np.ndarray:
