@@ -81,6 +81,9 @@ class FakeClient:
     def embed_texts(self, texts):
         return self.query_vector[None]
 
+    def bank_holds(self, store):
+        return False
+
     def score(self, text, tokens):
         self.scored.append(len(tokens))
         return tokens[:, 0, 0].astype(np.float32)  # the token's first value is its "match"

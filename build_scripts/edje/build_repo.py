@@ -36,6 +36,9 @@ PYTHON_MODELS = {
     "edje_tokenizer": "edje_tokenizer",
     "edje_text_tokenizer": "edje_tokenizer",
 }
+# Included with a token bank (--token-bank): rank by image id.
+BANK_MODELS = {"edje_token_bank": "edje_token_bank"}
+BANK_ENSEMBLES = ("edje_rank_by_id",)
 ONNX_MODELS = ("edje_vision_adapter", "edje_ranker", "edje_text_encoder")
 ENSEMBLES = ("edje_index", "edje_rank", "edje_text_embed")
 MAX_TEXT_LENGTH = 64
@@ -70,6 +73,8 @@ class RepoSettings:
     decode_threads: int = 4
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 32 * 1024 * 1024
+    token_bank: str = ""
+    max_bank_bytes: int = 0
 
     def validate(self) -> None:
         if self.runtime not in ("python", "onnxruntime"):
@@ -108,6 +113,7 @@ def template_values(
         pad_token=tokenizer.pad_token,
         text_pad_token_id=str(text_tokenizer.pad_token_id),
         text_pad_token=text_tokenizer.pad_token,
+        bank_path=str(Path(settings.token_bank).resolve()) if settings.token_bank else "",
     )
     return values
 
@@ -161,14 +167,16 @@ def build_repository(
         "text_length": min(text_tokenizer.model_max_length, MAX_TEXT_LENGTH),
     }
     values = template_values(source, settings, dims, tokenizer, text_tokenizer)
+    python_models = {**PYTHON_MODELS, **(BANK_MODELS if settings.token_bank else {})}
+    ensembles = (*ENSEMBLES, *(BANK_ENSEMBLES if settings.token_bank else ()))
 
-    for name in (*PYTHON_MODELS, *ONNX_MODELS, *ENSEMBLES):
+    for name in (*python_models, *ONNX_MODELS, *ensembles):
         (staging / name / "1").mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(
             fill_template(TEMPLATE_DIR / name / "config.pbtxt", values)
         )
     shared = TEMPLATE_DIR / "_shared"
-    code = {name: TEMPLATE_DIR / src / "1" / "model.py" for name, src in PYTHON_MODELS.items()}
+    code = {name: TEMPLATE_DIR / src / "1" / "model.py" for name, src in python_models.items()}
     if settings.runtime == "python":
         code.update({name: shared / "onnx_runner.py" for name in ONNX_MODELS})
     for name, model_py in code.items():
@@ -279,6 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=RepoSettings.max_image_pixels,
         help="refuse larger images (decompression-bomb guard)",
     )
+    out.add_argument(
+        "--token-bank",
+        default="",
+        metavar="STORE",
+        help="also serve edje_rank_by_id, ranking the images of this store by id",
+    )
     return p.parse_args(argv)
 
 
@@ -296,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         ranker_instances=args.ranker_instances,
         intra_op_threads=args.intra_op_threads,
         max_image_pixels=args.max_image_pixels,
+        token_bank=args.token_bank,
     )
     try:
         settings.validate()

@@ -32,8 +32,10 @@ from edje_client.store import TokenStore
 INDEX_MODEL = "edje_index"
 RANK_MODEL = "edje_rank"
 TEXT_MODEL = "edje_text_embed"
+BY_ID_MODEL = "edje_rank_by_id"
+BANK_MODEL = "edje_token_bank"
 MODELS = (INDEX_MODEL, RANK_MODEL)  # required
-OPTIONAL_MODELS = (TEXT_MODEL,)  # used when the server has them
+OPTIONAL_MODELS = (TEXT_MODEL, BY_ID_MODEL, BANK_MODEL)  # used when the server has them
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
@@ -130,7 +132,9 @@ def _max_batch(config: dict[str, Any]) -> int:
 class ServerSpec:
     """Shapes and batch limits read from the server's model configurations.
 
-    ``text_batch`` is ``None`` when the server lacks the optional ``edje_text_embed``.
+    ``text_batch`` is ``None`` when the server lacks the optional ``edje_text_embed``;
+    ``bank_batch`` (ids per request) and ``bank_path`` are ``None`` without a token bank
+    (``edje_rank_by_id``).
     """
 
     num_tokens: int
@@ -139,17 +143,15 @@ class ServerSpec:
     index_batch: int
     rank_batch: int
     text_batch: int | None = None
+    bank_batch: int | None = None
+    bank_path: str | None = None
 
     @classmethod
-    def from_configs(
-        cls,
-        index_config: dict[str, Any],
-        rank_config: dict[str, Any],
-        text_config: dict[str, Any] | None = None,
-    ) -> ServerSpec:
-        """Parse the models' configurations (either protocol's JSON)."""
-        index_config = index_config.get("config", index_config)
-        rank_config = rank_config.get("config", rank_config)
+    def from_configs(cls, configs: dict[str, dict[str, Any]]) -> ServerSpec:
+        """Parse the ready models' configurations (model name -> either protocol's JSON)."""
+        configs = {name: c.get("config", c) for name, c in configs.items()}
+        index_config, rank_config = configs[INDEX_MODEL], configs[RANK_MODEL]
+        text_config = configs.get(TEXT_MODEL)
         q, d = _dims(index_config, "output", "compressed_tokens")
         (e,) = _dims(index_config, "output", "image_embedding")
         rank_dims = _dims(rank_config, "input", "compressed_tokens")
@@ -164,7 +166,21 @@ class ServerSpec:
             text_batch = _max_batch(text_config)
             if _dims(text_config, "output", "text_embedding") != (e,):
                 raise EDJEError(f"server models disagree on the embedding size {e}")
-        return cls(q, d, e, _max_batch(index_config), _max_batch(rank_config), text_batch)
+        bank_batch = bank_path = None
+        if BY_ID_MODEL in configs and BANK_MODEL in configs:
+            parameters = configs[BANK_MODEL].get("parameters", {})
+            bank_path = parameters.get("bank_path", {}).get("string_value") or None
+            bank_batch = int(parameters.get("max_ids", {}).get("string_value") or 1)
+        return cls(
+            q,
+            d,
+            e,
+            _max_batch(index_config),
+            _max_batch(rank_config),
+            text_batch,
+            bank_batch,
+            bank_path,
+        )
 
 
 @dataclass(frozen=True)
@@ -325,6 +341,30 @@ def text_calls(texts: Sequence[str], spec: ServerSpec) -> list[Call]:
     ]
 
 
+def id_calls(query: str, image_ids: Sequence[int] | np.ndarray, spec: ServerSpec) -> list[Call]:
+    """``edje_rank_by_id`` requests: one query against the bank rows ``image_ids``."""
+    if spec.bank_batch is None:
+        raise ModelNotReadyError(f"the server has no token bank ({BY_ID_MODEL!r})")
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
+    ids = np.asarray(image_ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise InvalidInputError(
+            f"image ids must be a 1-D integer array, got {ids.dtype} {ids.shape}"
+        )
+    ids = ids.astype(np.int64)
+    text = np.array([query.encode("utf-8")], dtype=object)
+    return [
+        Call(BY_ID_MODEL, (("image_ids", ids[s], "INT64"), ("text", text, "BYTES")), ("scores",))
+        for s in _chunks(len(ids), spec.bank_batch)
+    ]
+
+
+def merge_id_scores(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Concatenate per-request ``edje_rank_by_id`` scores into float32 ``[N]``."""
+    return _concat(outputs, "scores", np.zeros((0, 1), np.float32))[:, 0]
+
+
 def merge_text_embeddings(outputs: list[dict[str, np.ndarray]], spec: ServerSpec) -> np.ndarray:
     """Concatenate per-request ``edje_text_embed`` outputs into float32 ``[N, E]``."""
     return _concat(outputs, "text_embedding", np.zeros((0, spec.embedding_dim), np.float32))
@@ -361,6 +401,19 @@ def store_documents(store: TokenStore, ids: Sequence[str] | None) -> tuple[list[
     ids = store.ids() if ids is None else list(ids)
     try:
         return ids, store.get(ids)
+    except KeyError as exc:
+        raise InvalidInputError(f"{exc.args[0]} in token store {store.path}") from exc
+
+
+def store_rows(store: TokenStore, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
+    """``(ids, rows)`` of ``ids`` (all, in row order, when ``None``): the bank's integer ids."""
+    if isinstance(ids, str):
+        raise InvalidInputError("ids must be a list of str, not a single string")
+    if ids is None:
+        return store.ids(), np.arange(len(store), dtype=np.int64)
+    ids = list(ids)
+    try:
+        return ids, np.array([store.index_of(i) for i in ids], dtype=np.int64)
     except KeyError as exc:
         raise InvalidInputError(f"{exc.args[0]} in token store {store.path}") from exc
 

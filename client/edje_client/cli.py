@@ -46,6 +46,7 @@ RERANK_EXAMPLES = """\
 examples:
   edje rerank "a dog catching a frisbee" --store store/ --top-n 5
   edje rerank "a red car" --store store/ --ids a.jpg b.png --probabilities
+  edje rerank "a red car" --store store/ --by-id      tokens stay on the server (token bank)
 """
 
 SEARCH_EXAMPLES = """\
@@ -177,7 +178,12 @@ def cmd_rerank(args: argparse.Namespace) -> int:
             return 0
         with EDJEClient(args.url, args.protocol) as client:
             results = client.rerank_store(
-                args.query, collection.store, args.ids, args.top_n, args.probabilities
+                args.query,
+                collection.store,
+                args.ids,
+                args.top_n,
+                args.probabilities,
+                by_id=args.by_id or None,
             )
     label = "probability" if args.probabilities else "score"
     print(f"{'rank':>4}  {label:>11}  id")
@@ -350,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, help="show only the best N (default: all)")
     p.add_argument(
         "--probabilities", action="store_true", help="print sigmoid(logit) instead of logits"
+    )
+    p.add_argument(
+        "--by-id",
+        action="store_true",
+        help="send image ids to the server's token bank, not tokens (default: when the "
+        "server's bank is this store)",
     )
 
     p = _add_command(

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,7 +30,9 @@ from edje_client._core import (
     check_rerank_args,
     check_server_state,
     default_url,
+    id_calls,
     index_calls,
+    merge_id_scores,
     merge_index,
     merge_scores,
     merge_text_embeddings,
@@ -37,6 +40,7 @@ from edje_client._core import (
     rank_calls,
     rank_results,
     store_documents,
+    store_rows,
     text_calls,
     unreachable,
 )
@@ -111,6 +115,29 @@ class _ClientBase:
         tokens = as_tokens(documents, self.spec)
         check_rerank_args(query, len(tokens), top_n, ids)
         return tokens
+
+    def bank_holds(self, store: TokenStore) -> bool:
+        """True when the server's token bank (``edje_rank_by_id``) serves this very store.
+
+        Then :meth:`score_ids` on the store's rows equals :meth:`score` on its tokens, with
+        8 bytes per pair on the wire instead of Q x D x 2. Compared by path, so it is False for
+        a server that sees the store under another path (use ``by_id=True`` to force).
+        """
+        if not self.spec.bank_path:
+            return False
+        bank = Path(self.spec.bank_path).resolve()
+        return bank in (store.path.resolve(), store.path.resolve().parent)
+
+    def _use_bank(self, store: TokenStore, by_id: bool | None) -> bool:
+        return self.bank_holds(store) if by_id is None else by_id
+
+    @staticmethod
+    def _bank_documents(
+        query: str, store: TokenStore, ids: Sequence[str] | None, top_n: int | None
+    ) -> tuple[list[str], np.ndarray]:
+        ids, rows = store_rows(store, ids)
+        check_rerank_args(query, len(rows), top_n, ids)
+        return ids, rows
 
     def __repr__(self) -> str:
         url, protocol = self._endpoint.url, self._endpoint.protocol
@@ -189,7 +216,7 @@ class EDJEClient(_ClientBase):
         check_server_state(self._endpoint, live, ready)
         kwargs = self._endpoint.config_kwargs
         return ServerSpec.from_configs(
-            *(self._with_retry(client.get_model_config, m, **kwargs) for m in models if ready[m])
+            {m: self._with_retry(client.get_model_config, m, **kwargs) for m in models if ready[m]}
         )
 
     def _infer(self, call: Call) -> Outputs:
@@ -268,6 +295,16 @@ class EDJEClient(_ClientBase):
         calls = text_calls(texts, self.spec)
         return merge_text_embeddings(self._run(calls, progress, "text"), self.spec)
 
+    def score_ids(
+        self, query: str, image_ids: Sequence[int] | np.ndarray, progress: bool = False
+    ) -> np.ndarray:
+        """Logits of ``query`` against rows of the server's token bank (``edje_rank_by_id``).
+
+        Raises :class:`ModelNotReadyError` without a bank, :class:`InvalidInputError` naming
+        an id the bank does not hold.
+        """
+        return merge_id_scores(self._run(id_calls(query, image_ids, self.spec), progress, "pair"))
+
     def rerank(
         self,
         query: str,
@@ -306,11 +343,18 @@ class EDJEClient(_ClientBase):
         ids: Sequence[str] | None = None,
         top_n: int | None = None,
         return_probabilities: bool = False,
+        by_id: bool | None = None,
     ) -> list[RerankResult]:
         """:meth:`rerank` the documents ``ids`` of a token store (all of them when ``None``).
 
         Results carry the store ids; an id the store lacks raises :class:`InvalidInputError`.
+        With ``by_id`` (default: when :meth:`bank_holds` the store) only row numbers are sent
+        and the server's token bank supplies the tokens.
         """
+        if self._use_bank(store, by_id):
+            ids, rows = self._bank_documents(query, store, ids, top_n)
+            scores = self.score_ids(query, rows)
+            return rank_results(scores, top_n, return_probabilities, ids)
         ids, tokens = store_documents(store, ids)
         return self.rerank(query, tokens, top_n, return_probabilities, ids)
 
@@ -379,10 +423,12 @@ class AsyncEDJEClient(_ClientBase):
         ready = {m: await self._with_retry(client.is_model_ready, m, **kwargs) for m in models}
         check_server_state(self._endpoint, live, ready)
         kwargs = self._endpoint.config_kwargs
-        configs = [
-            await self._with_retry(client.get_model_config, m, **kwargs) for m in models if ready[m]
-        ]
-        return ServerSpec.from_configs(*configs)
+        configs = {
+            m: await self._with_retry(client.get_model_config, m, **kwargs)
+            for m in models
+            if ready[m]
+        }
+        return ServerSpec.from_configs(configs)
 
     async def _infer(self, call: Call) -> Outputs:
         args = call.infer_args(self._endpoint.module)
@@ -441,6 +487,14 @@ class AsyncEDJEClient(_ClientBase):
         tokens = self._rerank_tokens(query, documents, top_n, ids)
         return rank_results(await self.score(query, tokens), top_n, return_probabilities, ids)
 
+    async def score_ids(
+        self, query: str, image_ids: Sequence[int] | np.ndarray, progress: bool = False
+    ) -> np.ndarray:
+        """See :meth:`EDJEClient.score_ids`."""
+        await self.connect()
+        calls = id_calls(query, image_ids, self.spec)
+        return merge_id_scores(await self._run(calls, progress, "pair"))
+
     async def rerank_store(
         self,
         query: str,
@@ -448,8 +502,14 @@ class AsyncEDJEClient(_ClientBase):
         ids: Sequence[str] | None = None,
         top_n: int | None = None,
         return_probabilities: bool = False,
+        by_id: bool | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`EDJEClient.rerank_store`."""
+        await self.connect()
+        if self._use_bank(store, by_id):
+            ids, rows = self._bank_documents(query, store, ids, top_n)
+            scores = await self.score_ids(query, rows)
+            return rank_results(scores, top_n, return_probabilities, ids)
         ids, tokens = store_documents(store, ids)
         return await self.rerank(query, tokens, top_n, return_probabilities, ids)
 

@@ -24,6 +24,10 @@ class Scorer(Protocol):
 
     def score(self, texts: str | list[str], tokens: np.ndarray) -> np.ndarray: ...
 
+    def score_ids(self, query: str, image_ids: np.ndarray) -> np.ndarray: ...
+
+    def bank_holds(self, store) -> bool: ...
+
 
 @dataclass
 class SearchHit:
@@ -58,6 +62,7 @@ def search(
     query: str,
     k: int = 10,
     rerank_top_k: int | None = None,
+    by_id: bool | None = None,
 ) -> SearchResponse:
     """Search ``collection`` for ``query``; return the ``k`` best hits.
 
@@ -67,6 +72,9 @@ def search(
         Number of hits returned (capped at the collection's size).
     rerank_top_k
         How many first-stage candidates EDJE re-scores (default ``k``; 0 = first stage only).
+    by_id
+        Send image ids to the server's token bank instead of tokens (default: when the
+        server's bank holds this collection's store).
     """
     rerank_top_k = k if rerank_top_k is None else rerank_top_k
     depth = max(k, rerank_top_k)
@@ -79,7 +87,11 @@ def search(
     n_rerank = min(rerank_top_k, len(rows))
     edje = np.zeros(0, dtype=np.float32)
     if n_rerank:
-        edje = client.score(query, collection.tokens(rows[:n_rerank]))
+        use_bank = client.bank_holds(collection.store) if by_id is None else by_id
+        if use_bank:
+            edje = client.score_ids(query, rows[:n_rerank])
+        else:
+            edje = client.score(query, collection.tokens(rows[:n_rerank]))
     t3 = time.perf_counter()
     order = rerank_order(first_scores, edje)[:k]
     ids = collection.ids(rows[order])
