@@ -19,7 +19,7 @@ K ?= 10
 DATASET ?=
 EVAL_DIR ?= build/eval
 
-.PHONY: setup demo test test-slow repo serve eval loadtest lint format clean
+.PHONY: setup demo test test-slow repo serve eval bench loadtest lint format clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ ifeq ($(DATASET),)
 else
 	$(VENV)/bin/edje eval $(DATASET) --serve $(REPO_DIR) --out $(EVAL_DIR)/report
 endif
+
+# Side-by-side benchmarks: docs/performance.md, docs/bench_results.json, docs/bench_*.png.
+bench: setup
+	$(PY) -m edje.bench --out docs
 
 # Bounded headless locust run against a freshly started server; reports in build/loadtest/.
 loadtest: setup $(REPO_DIR)/edje_manifest.json

@@ -75,6 +75,7 @@ class RepoSettings:
     max_image_bytes: int = 32 * 1024 * 1024
     token_bank: str = ""
     max_bank_bytes: int = 0
+    quantize_ranker: str = ""
 
     def validate(self) -> None:
         if self.runtime not in ("python", "onnxruntime"):
@@ -83,6 +84,8 @@ class RepoSettings:
             raise ValueError("--gpu/--tensorrt need --runtime onnxruntime (NVIDIA's container)")
         if self.tensorrt and not self.gpu:
             raise ValueError("--tensorrt needs --gpu")
+        if self.quantize_ranker not in ("", "int8"):
+            raise ValueError(f"--quantize-ranker takes 'int8', got {self.quantize_ranker!r}")
 
 
 def template_values(
@@ -130,7 +133,12 @@ def build_repository(
     source, output: str | Path, settings: RepoSettings | None = None, force: bool = True
 ) -> Path:
     """Export ``source`` into a Triton model repository at ``output``; return its path."""
-    from edje.onnx_export import export_ranker, export_text_encoder, export_vision_adapter
+    from edje.onnx_export import (
+        export_ranker,
+        export_text_encoder,
+        export_vision_adapter,
+        quantize_int8,
+    )
 
     settings = settings or RepoSettings()
     settings.validate()
@@ -185,7 +193,10 @@ def build_repository(
 
     log.info("exporting ONNX models")
     export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")
-    export_ranker(ranking, staging / "edje_ranker" / "1" / "model.onnx")
+    ranker_path = export_ranker(ranking, staging / "edje_ranker" / "1" / "model.onnx")
+    if settings.quantize_ranker == "int8":
+        log.info("quantising the ranker to int8 (dynamic)")
+        quantize_int8(ranker_path)
     export_text_encoder(text_model, staging / "edje_text_encoder" / "1" / "model.onnx")
     tokenizer.backend_tokenizer.save(str(staging / "edje_tokenizer" / "1" / "tokenizer.json"))
     text_tokenizer.backend_tokenizer.save(
@@ -288,6 +299,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="refuse larger images (decompression-bomb guard)",
     )
     out.add_argument(
+        "--quantize-ranker",
+        choices=("int8",),
+        default="",
+        help="dynamic int8 quantisation of the ranker (see docs/performance.md for agreement)",
+    )
+    out.add_argument(
         "--token-bank",
         default="",
         metavar="STORE",
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         intra_op_threads=args.intra_op_threads,
         max_image_pixels=args.max_image_pixels,
         token_bank=args.token_bank,
+        quantize_ranker=args.quantize_ranker,
     )
     try:
         settings.validate()

@@ -147,3 +147,22 @@ def export_text_encoder(model: SiglipTextModel, path: str | Path, seq_len: int =
         ["text_embedding"],
         {"input_ids": {0: "batch", 1: "sequence"}, "text_embedding": {0: "batch"}},
     )
+
+
+def quantize_int8(path: str | Path, out: str | Path | None = None) -> Path:
+    """Dynamic int8 quantisation of a graph's MatMul weights (ONNX Runtime), in place by default.
+
+    Activations stay float and are quantised per batch at run time; the graph's inputs and
+    outputs are unchanged, so the Triton configs need no change.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    out = Path(out) if out else path
+    tmp = out.with_name(out.stem + ".int8-tmp.onnx")
+    quantize_dynamic(
+        str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+    )
+    tmp.replace(out)
+    onnx.checker.check_model(str(out))
+    return out

@@ -1,0 +1,583 @@
+"""``make bench``: where EDJE's time goes, measured side by side in one run.
+
+Every figure that matters is a *ratio* of two measurements taken in the same run, interleaved
+round by round, because this machine is shared and noisy. Sections:
+
+1. **Ranker, model level (real size: MiniLM-L12-H384, Q=64, random weights):** PyTorch eager vs
+   ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic quantisation), pairs/s at equal batch; the
+   FLOP rate the ranker reaches against this CPU's measured fp32 GEMM rate.
+2. **int8 agreement** on the default model: top-1 agreement of 10-candidate re-rank lists and
+   Spearman correlation against fp32.
+3. **EDJE vs an online-ViT joint scorer** (BLIP-style: the ViT runs for every pair) at the real
+   sizes (SigLIP2-L/16 at 384 px + MiniLM-L12): ratio of pairs/s.
+4. **Served:** Triton ``edje_rank`` (embedded server) against raw ONNX Runtime on the same
+   graph at equal batch (serving overhead); a K x concurrency grid over gRPC and HTTP with
+   p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
+5. **Bytes and images:** bytes per pair on the wire, storage per image, indexing images/s.
+
+Writes ``results.json``, PNG plots and ``performance.md`` into ``--out`` (default ``docs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("edje.bench")
+
+Q, D, TEXT_LEN = 64, 384, 16
+MINILM = dict(
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    vocab_size=30522,
+    max_position_embeddings=512,
+)
+
+
+def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Run each function once per round, interleaved; seconds per call, per function."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def pair_inputs(batch: int, text_len: int, image_id: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of pair layouts ``[CLS] t... [SEP] <image>xQ [SEP]`` with random tokens."""
+    rng = np.random.default_rng(seed)
+    length = text_len + Q + 1
+    ids = np.full((batch, length), image_id, dtype=np.int64)
+    ids[:, :text_len] = rng.integers(1000, 2000, (batch, text_len))
+    ids[:, text_len - 1] = ids[:, -1] = 102
+    types = np.zeros((batch, length), dtype=np.int64)
+    types[:, text_len:] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, length), dtype=np.int64),
+        "token_type_ids": types,
+        "compressed_tokens": rng.standard_normal((batch, Q, D)).astype(np.float16),
+    }
+
+
+def ranker_flops_per_pair(config, length: int) -> float:
+    """Multiply-adds x 2 of one pair through the BERT encoder + head (embeddings excluded)."""
+    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = 2 * length * (4 * h * h + 2 * h * f) + 2 * 2 * length * length * h
+    return n * per_layer + 2 * (h * h + h)
+
+
+def gemm_gflops(size: int = 1024, rounds: int = 10) -> float:
+    """This CPU's fp32 GEMM rate through torch (MKL/oneDNN), GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = timed_rounds({"gemm": lambda: a @ b}, rounds)["gemm"]
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def section_ranker(work: Path, batch: int, rounds: int) -> dict:
+    """Real-size ranker: eager vs ORT fp32 vs ORT int8; achieved FLOP rate vs GEMM."""
+    import onnxruntime as ort
+    from transformers import BertConfig
+
+    from edje.modeling import EDJEModelForRanking
+    from edje.onnx_export import export_ranker, quantize_int8
+
+    config = BertConfig(**MINILM)
+    model = EDJEModelForRanking(language_config=config, num_compressed_tokens=Q).eval()
+    fp32 = export_ranker(model, work / "ranker_real.onnx")
+    int8 = quantize_int8(fp32, work / "ranker_real_int8.onnx")
+    feeds = pair_inputs(batch, TEXT_LEN, model.image_token_id)
+    sessions = {
+        name: ort.InferenceSession(str(p)) for name, p in (("ort_fp32", fp32), ("ort_int8", int8))
+    }
+    tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+    def eager() -> None:
+        with torch.inference_mode():
+            model.score_pairs(**tensors)
+
+    fns = {
+        "torch_eager": eager,
+        **{n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
+    }
+    times = timed_rounds(fns, rounds)
+    pairs_per_s = {n: batch / statistics.median(t) for n, t in times.items()}
+    flops = ranker_flops_per_pair(config, TEXT_LEN + Q + 1)
+    gemm = gemm_gflops()
+    return {
+        "batch": batch,
+        "pair_length": TEXT_LEN + Q + 1,
+        "pairs_per_s": pairs_per_s,
+        "int8_over_fp32": pairs_per_s["ort_int8"] / pairs_per_s["ort_fp32"],
+        "ort_over_eager": pairs_per_s["ort_fp32"] / pairs_per_s["torch_eager"],
+        "gflop_per_pair": flops / 1e9,
+        "gemm_gflops_fp32": gemm,
+        "ranker_gflops_fp32": flops * pairs_per_s["ort_fp32"] / 1e9,
+        "fraction_of_gemm": flops * pairs_per_s["ort_fp32"] / 1e9 / gemm,
+        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
+    """int8 vs fp32 ranker on the default model: top-1 agreement and Spearman over rerank lists."""
+    import onnxruntime as ort
+
+    from edje.onnx_export import export_ranker, quantize_int8
+
+    ranking, _ = source.build_ranking_model()
+    fp32 = export_ranker(ranking, work / "ranker_default.onnx")
+    int8 = quantize_int8(fp32, work / "ranker_default_int8.onnx")
+    s32, s8 = ort.InferenceSession(str(fp32)), ort.InferenceSession(str(int8))
+    tok = source.tokenizer()
+    rng = np.random.default_rng(0)
+    words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:200]
+    agree, rhos = [], []
+    for _ in range(lists):
+        text = " ".join(rng.choice(words, 6))
+        enc = tok(
+            [text] * 10,
+            ["<image>" * ranking.num_compressed_tokens] * 10,
+            truncation="only_first",
+            max_length=64 + ranking.num_compressed_tokens,
+            padding="longest",
+            return_tensors="np",
+        )
+        feeds = {
+            k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        width = ranking.language_model.config.hidden_size
+        feeds["compressed_tokens"] = rng.standard_normal(
+            (10, ranking.num_compressed_tokens, width)
+        ).astype(np.float16)
+        a, b = s32.run(None, feeds)[0][:, 0], s8.run(None, feeds)[0][:, 0]
+        agree.append(int(np.argmax(a) == np.argmax(b)))
+        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+        rhos.append(float(np.corrcoef(ra, rb)[0, 1]))
+    return {
+        "lists": lists,
+        "top1_agreement": float(np.mean(agree)),
+        "spearman_mean": float(np.mean(rhos)),
+        "spearman_min": float(np.min(rhos)),
+        "model": source.description,
+    }
+
+
+def section_online_vit(rounds: int) -> dict:
+    """EDJE (tokens precomputed) vs a joint scorer that runs the ViT for every pair."""
+    from transformers import BertConfig, SiglipVisionConfig
+
+    from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
+
+    vision = SiglipVisionConfig(
+        image_size=384,
+        patch_size=16,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+    )
+    language = BertConfig(**MINILM)
+    indexing = EDJEModelForIndexing(
+        vision_config=vision, language_config=language, num_compressed_tokens=Q
+    ).eval()
+    ranking = EDJEModelForRanking(language_config=language, num_compressed_tokens=Q).eval()
+    pixels = torch.randn(1, 3, 384, 384)
+    feeds = {
+        k: torch.from_numpy(v) for k, v in pair_inputs(1, TEXT_LEN, ranking.image_token_id).items()
+    }
+
+    def index_one() -> None:
+        with torch.inference_mode():
+            indexing(pixels)
+
+    def rank_one() -> None:
+        with torch.inference_mode():
+            ranking.score_pairs(**feeds)
+
+    times = timed_rounds({"vit_adapter": index_one, "ranker": rank_one}, rounds)
+    vit, rank = statistics.median(times["vit_adapter"]), statistics.median(times["ranker"])
+    return {
+        "vit_adapter_s_per_image": vit,
+        "ranker_s_per_pair_batch1": rank,
+        "edje_pairs_per_s": 1 / rank,
+        "online_vit_pairs_per_s": 1 / (vit + rank),
+        "edje_over_online_vit": (vit + rank) / rank,
+        "real_size_index_images_per_s": 1 / vit,
+    }
+
+
+def _load(url: str, protocol: str, request: Callable, concurrency: int, seconds: float) -> dict:
+    """Closed-loop load: ``concurrency`` threads, each with its own client, for ``seconds``."""
+    import importlib
+
+    module = importlib.import_module(f"tritonclient.{protocol}")
+    latencies: list[float] = []
+    lock, stop = threading.Lock(), threading.Event()
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker() -> None:
+        client = module.InferenceServerClient(url)
+        call = request(module, client)
+        call()  # warm-up and connection
+        barrier.wait()
+        while not stop.is_set():
+            start = time.perf_counter()
+            call()
+            with lock:
+                latencies.append(time.perf_counter() - start)
+        client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1e3
+    return {
+        "requests_per_s": len(ms) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests": len(ms),
+    }
+
+
+def rank_request(k: int, q: int, d: int, text: bytes = b"a red circle left of a blue square"):
+    tokens = np.random.default_rng(k).standard_normal((k, q, d)).astype(np.float16)
+    texts = np.array([[text]] * k, dtype=object)
+
+    def make(module, client):
+        inputs = [
+            module.InferInput("text", [k, 1], "BYTES"),
+            module.InferInput("compressed_tokens", [k, q, d], "FP16"),
+        ]
+        inputs[0].set_data_from_numpy(texts)
+        inputs[1].set_data_from_numpy(tokens)
+        return lambda: client.infer("edje_rank", inputs)
+
+    return make
+
+
+def by_id_request(k: int, rows: int, text: bytes = b"a red circle left of a blue square"):
+    ids = np.random.default_rng(k).integers(0, rows, k).astype(np.int64)
+
+    def make(module, client):
+        inputs = [
+            module.InferInput("text", [1], "BYTES"),
+            module.InferInput("image_ids", [k], "INT64"),
+        ]
+        inputs[0].set_data_from_numpy(np.array([text], dtype=object))
+        inputs[1].set_data_from_numpy(ids)
+        return lambda: client.infer("edje_rank_by_id", inputs)
+
+    return make
+
+
+def section_served(source, work: Path, seconds: float, ks, concurrencies) -> dict:
+    """Triton vs raw ORT at equal batch; the K x concurrency grid; rank-by-id vs tokens."""
+    import onnxruntime as ort
+
+    from edje.build_repo import RepoSettings, build_repository
+    from edje_client.collection import ImageCollection
+    from edje_client.server import TritonServer
+
+    store = ImageCollection(work / "bank_store")
+    ranking, _ = source.build_ranking_model()
+    q, d = ranking.num_compressed_tokens, ranking.language_model.config.hidden_size
+    rng = np.random.default_rng(1)
+    rows = 512
+    if len(store) == 0:
+        emb = rng.standard_normal((rows, 8)).astype(np.float32)
+        store.add(
+            [f"i{i}" for i in range(rows)],
+            rng.standard_normal((rows, q, d)).astype(np.float16),
+            emb / np.linalg.norm(emb, axis=1, keepdims=True),
+        )
+    repo = build_repository(source, work / "repo", RepoSettings(token_bank=str(store.path)))
+    session = ort.InferenceSession(str(repo / "edje_ranker" / "1" / "model.onnx"))
+    tok = source.tokenizer()
+    result: dict = {"model": source.description, "grid": []}
+    with TritonServer(
+        repo, http_port=0, grpc_port=0, metrics_port=0, log_file=work / "tritonserver.log"
+    ) as server:
+        # Serving overhead at equal batch: one client, K=64 pairs per request, vs raw ORT on
+        # the same graph with the same (trimmed) pair layout the server computes.
+        k = 64
+        enc = tok(
+            ["a red circle left of a blue square"] * k,
+            ["<image>" * q] * k,
+            truncation="only_first",
+            max_length=64 + q,
+            padding="longest",
+            return_tensors="np",
+        )
+        feeds = {
+            n: enc[n].astype(np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        feeds["compressed_tokens"] = rng.standard_normal((k, q, d)).astype(np.float16)
+        raw = {"requests_per_s": 0.0}
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            session.run(None, feeds)
+            n += 1
+        raw["requests_per_s"] = n / (time.perf_counter() - start)
+        served = _load(server.grpc_url, "grpc", rank_request(k, q, d), 1, seconds)
+        result["overhead"] = {
+            "k": k,
+            "raw_ort_pairs_per_s": raw["requests_per_s"] * k,
+            "triton_grpc_pairs_per_s": served["requests_per_s"] * k,
+            "triton_over_raw": served["requests_per_s"] / raw["requests_per_s"],
+        }
+        for protocol in ("grpc", "http"):
+            for k in ks:
+                for c in concurrencies:
+                    cell = _load(server.url(protocol), protocol, rank_request(k, q, d), c, seconds)
+                    cell.update(
+                        protocol=protocol,
+                        k=k,
+                        concurrency=c,
+                        pairs_per_s=cell["requests_per_s"] * k,
+                    )
+                    log.info(
+                        "served %s K=%d c=%d: %.0f pairs/s p50 %.0f ms",
+                        protocol,
+                        k,
+                        c,
+                        cell["pairs_per_s"],
+                        cell["p50_ms"],
+                    )
+                    result["grid"].append(cell)
+        k, c = 64, 4
+        tokens = _load(server.grpc_url, "grpc", rank_request(k, q, d), c, seconds)
+        by_id = _load(server.grpc_url, "grpc", by_id_request(k, rows), c, seconds)
+        result["by_id"] = {
+            "k": k,
+            "concurrency": c,
+            "tokens_pairs_per_s": tokens["requests_per_s"] * k,
+            "by_id_pairs_per_s": by_id["requests_per_s"] * k,
+            "by_id_over_tokens": by_id["requests_per_s"] / tokens["requests_per_s"],
+            "tokens_bytes_per_pair": q * d * 2 + len(b"a red circle left of a blue square") + 4,
+            "by_id_bytes_per_pair": 8 + (len(b"a red circle left of a blue square") + 4) / k,
+        }
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buf, "PNG")
+        payload = np.array([[buf.getvalue()]] * 16, dtype=object)
+
+        def index_request(module, client):
+            inputs = [module.InferInput("image", [16, 1], "BYTES")]
+            inputs[0].set_data_from_numpy(payload)
+            return lambda: client.infer("edje_index", inputs)
+
+        idx = _load(server.grpc_url, "grpc", index_request, 2, seconds)
+        result["index_images_per_s"] = idx["requests_per_s"] * 16
+    store.close()
+    return result
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    """PNG plots: pairs/s per method; served latency and throughput against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    r = results["ranker"]["pairs_per_s"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(r), list(r.values()), color=["#888", "#3a7", "#37a"])
+    ax.set_ylabel("pairs / s")
+    ax.set_title(f"Real-size ranker on this CPU (batch {results['ranker']['batch']})")
+    fig.tight_layout()
+    fig.savefig(out / "bench_ranker.png", dpi=110)
+    names.append("bench_ranker.png")
+    plt.close(fig)
+
+    grid = results["served"]["grid"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for protocol, style in (("grpc", "-"), ("http", "--")):
+        for k in sorted({c["k"] for c in grid}):
+            cells = [c for c in grid if c["protocol"] == protocol and c["k"] == k]
+            xs = [c["concurrency"] for c in cells]
+            axes[0].plot(
+                xs, [c["pairs_per_s"] for c in cells], style, marker="o", label=f"{protocol} K={k}"
+            )
+            axes[1].plot(
+                xs, [c["p50_ms"] for c in cells], style, marker="o", label=f"{protocol} K={k}"
+            )
+    axes[0].set_ylabel("pairs / s")
+    axes[1].set_ylabel("p50 latency (ms)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Triton edje_rank (embedded server, default model)")
+    fig.tight_layout()
+    fig.savefig(out / "bench_served.png", dpi=110)
+    names.append("bench_served.png")
+    plt.close(fig)
+    return names
+
+
+def markdown(results: dict, command: str) -> str:
+    """``performance.md``."""
+    r, v, s, a, b = (results[k] for k in ("ranker", "online_vit", "served", "int8", "bytes"))
+    lines = [
+        "# Performance",
+        "",
+        f"Measured by `{command}` on {results['machine']} ({results['date']}). The machine is",
+        "shared and noisy: compare the **ratios**, each taken side by side in one run; absolute",
+        "numbers move from run to run. Regenerate this page with the command above.",
+        "",
+        "## Headline ratios",
+        "",
+        "| What | Measured | Target | Status |",
+        "| --- | --- | --- | --- |",
+        f"| Triton-served / raw ONNX Runtime, equal batch (K={s['overhead']['k']}) | "
+        f"{s['overhead']['triton_over_raw']:.2f}x | >= 0.9x | "
+        f"{'met' if s['overhead']['triton_over_raw'] >= 0.9 else 'short'} |",
+        f"| int8 / fp32 ranker (ONNX Runtime, real size) | {r['int8_over_fp32']:.2f}x | >= 1.8x | "
+        f"{'met' if r['int8_over_fp32'] >= 1.8 else 'short'} |",
+        f"| int8 top-1 agreement / Spearman (default model) | {100 * a['top1_agreement']:.0f}% / "
+        f"{a['spearman_mean']:.3f} | >= 99% / >= 0.99 | "
+        f"{'met' if a['top1_agreement'] >= 0.99 and a['spearman_mean'] >= 0.99 else 'short'} |",
+        f"| Ranker FLOP rate / fp32 GEMM rate | {100 * r['fraction_of_gemm']:.0f}% | >= 50% | "
+        f"{'met' if r['fraction_of_gemm'] >= 0.5 else 'short'} |",
+        f"| EDJE / online-ViT joint scorer (real sizes) | {v['edje_over_online_vit']:.0f}x | >= 20x | "
+        f"{'met' if v['edje_over_online_vit'] >= 20 else 'short'} |",
+        f"| rank-by-id / token passing, pairs/s (K={s['by_id']['k']}, {s['by_id']['concurrency']} clients) | "
+        f"{s['by_id']['by_id_over_tokens']:.2f}x | - | - |",
+        f"| bytes on the wire per pair: tokens / by id | {s['by_id']['tokens_bytes_per_pair']:,.0f} / "
+        f"{s['by_id']['by_id_bytes_per_pair']:.1f} | - | - |",
+        "",
+        "## 1. The ranker at real size (MiniLM-L12-H384, Q=64, random weights)",
+        "",
+        f"Batch {r['batch']}, pair length {r['pair_length']} (16 text tokens + 64 image tokens + [SEP]); "
+        f"{r['gflop_per_pair']:.2f} GFLOP per pair.",
+        "",
+        "| Engine | pairs/s |",
+        "| --- | --- |",
+        *[f"| {n} | {p:.1f} |" for n, p in r["pairs_per_s"].items()],
+        "",
+        f"This CPU's fp32 GEMM (torch, 1024^3): {r['gemm_gflops_fp32']:.0f} GFLOP/s; the fp32 ranker "
+        f"reaches {r['ranker_gflops_fp32']:.0f} GFLOP/s ({100 * r['fraction_of_gemm']:.0f}%).",
+        "",
+        "![ranker](bench_ranker.png)",
+        "",
+        "## 2. int8 dynamic quantisation",
+        "",
+        f"`edje-build-repo --quantize-ranker int8`. On the default model ({a['model']}), over "
+        f"{a['lists']} re-rank lists of 10 candidates: top-1 agreement "
+        f"{100 * a['top1_agreement']:.1f}%, Spearman mean {a['spearman_mean']:.4f} "
+        f"(min {a['spearman_min']:.4f}).",
+        "",
+        "## 3. EDJE against an online-ViT joint scorer",
+        "",
+        f"SigLIP2-L/16 at 384 px + adapter: {v['vit_adapter_s_per_image']:.2f} s per image "
+        f"({v['real_size_index_images_per_s']:.2f} images/s indexing at real size, torch eager). "
+        f"A BLIP-style scorer pays that for every pair: {v['online_vit_pairs_per_s']:.2f} pairs/s, "
+        f"against EDJE's {v['edje_pairs_per_s']:.1f} pairs/s (batch 32, same engine): "
+        f"**{v['edje_over_online_vit']:.0f}x**.",
+        "",
+        "## 4. Served by Triton (embedded server, python runtime, default model)",
+        "",
+        f"Model: {s['model']}. Raw ONNX Runtime at batch {s['overhead']['k']}: "
+        f"{s['overhead']['raw_ort_pairs_per_s']:.0f} pairs/s; Triton gRPC, one client, K="
+        f"{s['overhead']['k']}: {s['overhead']['triton_grpc_pairs_per_s']:.0f} pairs/s.",
+        "",
+        "| Protocol | K | Clients | pairs/s | p50 ms | p95 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {c['protocol']} | {c['k']} | {c['concurrency']} | {c['pairs_per_s']:.0f} | "
+            f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} |"
+            for c in s["grid"]
+        ],
+        "",
+        "![served](bench_served.png)",
+        "",
+        f"`edje_rank_by_id` (token bank) against `edje_rank` (tokens in the request), K={s['by_id']['k']}, "
+        f"{s['by_id']['concurrency']} gRPC clients: {s['by_id']['by_id_pairs_per_s']:.0f} vs "
+        f"{s['by_id']['tokens_pairs_per_s']:.0f} pairs/s.",
+        "",
+        "## 5. Bytes",
+        "",
+        f"- Storage per image: {b['fp16_bytes_per_image']:,} bytes fp16, {b['int8_bytes_per_image']:,} "
+        f"int8 (Q x D + 4 x Q); per million images {b['fp16_gb_per_million']:.1f} GB fp16, "
+        f"{b['int8_gb_per_million']:.1f} GB int8.",
+        f"- On the wire per pair: {s['by_id']['tokens_bytes_per_pair']:,.0f} bytes with tokens, "
+        f"{s['by_id']['by_id_bytes_per_pair']:.1f} by id. At the model card's 50k pairs/s that is "
+        f"{s['by_id']['tokens_bytes_per_pair'] * 5e4 / 1e9:.1f} GB/s against "
+        f"{s['by_id']['by_id_bytes_per_pair'] * 5e4 / 1e6:.1f} MB/s.",
+        f"- Indexing through Triton (default model): {s['index_images_per_s']:.0f} images/s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="docs", help="where results.json, plots and performance.md go")
+    p.add_argument("--work", default="build/bench")
+    p.add_argument("--seconds", type=float, default=3.0, help="duration of each served cell")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model-level ratio")
+    p.add_argument("--quick", action="store_true", help="smaller grid (for a smoke run)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from edje.build_repo import default_source
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    source = default_source(work / "random_default_source")
+    ks, cs = ((10, 64), (1, 4)) if args.quick else ((10, 64, 256), (1, 4, 16))
+    results: dict = {
+        "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    log.info("1/4 real-size ranker: eager vs ONNX Runtime fp32 vs int8")
+    results["ranker"] = section_ranker(work, batch=32, rounds=args.rounds)
+    log.info("2/4 int8 agreement on the default model")
+    results["int8"] = section_int8_agreement(source, work)
+    log.info("3/4 EDJE vs an online-ViT joint scorer at real size")
+    results["online_vit"] = section_online_vit(rounds=max(2, args.rounds // 2))
+    log.info("4/4 served by Triton")
+    results["served"] = section_served(source, work, args.seconds, ks, cs)
+    results["bytes"] = {
+        "fp16_bytes_per_image": Q * D * 2,
+        "int8_bytes_per_image": Q * D + 4 * Q,
+        "fp16_gb_per_million": Q * D * 2 * 1e6 / 1e9,
+        "int8_gb_per_million": (Q * D + 4 * Q) * 1e6 / 1e9,
+    }
+    results["plots"] = plots(results, out)
+    (out / "bench_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "performance.md").write_text(markdown(results, "make bench"))
+    log.info("wrote %s", out / "performance.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
