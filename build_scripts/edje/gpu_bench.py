@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.bench import MINILM, Q, TEXT_LEN, pair_inputs
+from edje.bench import MINILM, TEXT_LEN, Q, pair_inputs
 
 
 def torch_bf16(model, feeds: dict, seconds: float) -> float:
