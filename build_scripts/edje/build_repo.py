@@ -60,9 +60,13 @@ class RepoSettings:
     index_max_batch_size: int = 32
     index_preferred_batch_sizes: str = "8, 16, 32"
     index_queue_delay_us: int = 2000
+    index_max_queue_size: int = 64
+    index_queue_timeout_us: int = 30_000_000
     rank_max_batch_size: int = 256
     rank_preferred_batch_sizes: str = "64, 128, 256"
     rank_queue_delay_us: int = 1000
+    rank_max_queue_size: int = 128
+    rank_queue_timeout_us: int = 5_000_000
     text_max_batch_size: int = 64
     text_queue_delay_us: int = 1000
     preprocess_instances: int = 1
@@ -285,6 +289,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--rank-max-batch-size", type=int, default=RepoSettings.rank_max_batch_size)
     out.add_argument("--rank-queue-delay-us", type=int, default=RepoSettings.rank_queue_delay_us)
     out.add_argument("--index-max-batch-size", type=int, default=RepoSettings.index_max_batch_size)
+    out.add_argument(
+        "--rank-max-queue-size",
+        type=int,
+        default=RepoSettings.rank_max_queue_size,
+        help="ranker requests queued before new ones are refused with UNAVAILABLE",
+    )
+    out.add_argument(
+        "--rank-queue-timeout-us",
+        type=int,
+        default=RepoSettings.rank_queue_timeout_us,
+        help="a ranker request queued longer is refused (0: no timeout)",
+    )
     out.add_argument("--ranker-instances", type=int, default=RepoSettings.ranker_instances)
     out.add_argument(
         "--intra-op-threads",
@@ -325,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         rank_queue_delay_us=args.rank_queue_delay_us,
         index_max_batch_size=args.index_max_batch_size,
         ranker_instances=args.ranker_instances,
+        rank_max_queue_size=args.rank_max_queue_size,
+        rank_queue_timeout_us=args.rank_queue_timeout_us,
         intra_op_threads=args.intra_op_threads,
         max_image_pixels=args.max_image_pixels,
         token_bank=args.token_bank,

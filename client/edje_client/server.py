@@ -167,6 +167,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--model-control-mode={self.model_control_mode}",
+            *(["--load-model=*"] if self.model_control_mode == "explicit" else []),
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
