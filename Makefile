@@ -19,7 +19,9 @@ K ?= 10
 DATASET ?=
 EVAL_DIR ?= build/eval
 
-.PHONY: setup demo test test-slow repo serve eval bench loadtest lint format clean
+SOAK_SECONDS ?= 60
+
+.PHONY: setup demo test test-slow soak repo serve eval bench loadtest lint format clean
 
 setup: $(STAMP)
 
@@ -37,6 +39,10 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The reliability tests (overload, killed server, reload) for SOAK_SECONDS each instead of 3.
+soak: setup
+	EDJE_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/test_reliability.py -s $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
