@@ -21,10 +21,12 @@ Writes ``results.json``, PNG plots and ``performance.md`` into ``--out`` (defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -144,11 +146,13 @@ def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
     ranking, _ = source.build_ranking_model()
     fp32 = export_ranker(ranking, work / "ranker_default.onnx")
     int8 = quantize_int8(fp32, work / "ranker_default_int8.onnx")
+    from edje_client.store import TokenStore
+
     s32, s8 = ort.InferenceSession(str(fp32)), ort.InferenceSession(str(int8))
     tok = source.tokenizer()
     rng = np.random.default_rng(0)
     words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:200]
-    agree, rhos = [], []
+    agree, rhos, store_agree, store_rhos = [], [], [], []
     for _ in range(lists):
         text = " ".join(rng.choice(words, 6))
         enc = tok(
@@ -168,15 +172,28 @@ def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
         ).astype(np.float16)
         a, b = s32.run(None, feeds)[0][:, 0], s8.run(None, feeds)[0][:, 0]
         agree.append(int(np.argmax(a) == np.argmax(b)))
-        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-        rhos.append(float(np.corrcoef(ra, rb)[0, 1]))
+        rhos.append(spearman(a, b))
+        # int8 token storage (TokenStore dtype="int8"): the same ranker on dequantised tokens.
+        with tempfile.TemporaryDirectory() as tmp, TokenStore(tmp, dtype="int8") as store:
+            store.put([str(i) for i in range(10)], feeds["compressed_tokens"])
+            feeds["compressed_tokens"] = store.get_rows(np.arange(10))
+        c = s32.run(None, feeds)[0][:, 0]
+        store_agree.append(int(np.argmax(a) == np.argmax(c)))
+        store_rhos.append(spearman(a, c))
     return {
         "lists": lists,
         "top1_agreement": float(np.mean(agree)),
         "spearman_mean": float(np.mean(rhos)),
         "spearman_min": float(np.min(rhos)),
+        "int8_store_top1_agreement": float(np.mean(store_agree)),
+        "int8_store_spearman_mean": float(np.mean(store_rhos)),
         "model": source.description,
     }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (continuous scores: no ties)."""
+    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
 def section_online_vit(rounds: int) -> dict:
@@ -227,19 +244,28 @@ def _load(url: str, protocol: str, request: Callable, concurrency: int, seconds:
     """Closed-loop load: ``concurrency`` threads, each with its own client, for ``seconds``."""
     import importlib
 
+    from tritonclient.utils import InferenceServerException
+
     module = importlib.import_module(f"tritonclient.{protocol}")
     latencies: list[float] = []
+    rejected = [0]
     lock, stop = threading.Lock(), threading.Event()
     barrier = threading.Barrier(concurrency + 1)
 
     def worker() -> None:
         client = module.InferenceServerClient(url)
         call = request(module, client)
-        call()  # warm-up and connection
+        with contextlib.suppress(InferenceServerException):
+            call()  # warm-up and connection
         barrier.wait()
         while not stop.is_set():
             start = time.perf_counter()
-            call()
+            try:
+                call()
+            except InferenceServerException:  # shed by the queue policy (UNAVAILABLE)
+                with lock:
+                    rejected[0] += 1
+                continue
             with lock:
                 latencies.append(time.perf_counter() - start)
         client.close()
@@ -254,13 +280,14 @@ def _load(url: str, protocol: str, request: Callable, concurrency: int, seconds:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1e3
+    ms = np.array(latencies or [float("nan")]) * 1e3
     return {
-        "requests_per_s": len(ms) / elapsed,
+        "requests_per_s": len(latencies) / elapsed,
         "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)),
         "p99_ms": float(np.percentile(ms, 99)),
-        "requests": len(ms),
+        "requests": len(latencies),
+        "rejected": rejected[0],
     }
 
 
@@ -492,6 +519,10 @@ def markdown(results: dict, command: str) -> str:
         f"{100 * a['top1_agreement']:.1f}%, Spearman mean {a['spearman_mean']:.4f} "
         f"(min {a['spearman_min']:.4f}).",
         "",
+        f'int8 token storage (`TokenStore(dtype="int8")`, half the bytes), fp32 ranker on the '
+        f"dequantised tokens, same lists: top-1 agreement {100 * a['int8_store_top1_agreement']:.1f}%, "
+        f"Spearman mean {a['int8_store_spearman_mean']:.4f}.",
+        "",
         "## 3. EDJE against an online-ViT joint scorer",
         "",
         f"SigLIP2-L/16 at 384 px + adapter: {v['vit_adapter_s_per_image']:.2f} s per image "
@@ -506,11 +537,11 @@ def markdown(results: dict, command: str) -> str:
         f"{s['overhead']['raw_ort_pairs_per_s']:.0f} pairs/s; Triton gRPC, one client, K="
         f"{s['overhead']['k']}: {s['overhead']['triton_grpc_pairs_per_s']:.0f} pairs/s.",
         "",
-        "| Protocol | K | Clients | pairs/s | p50 ms | p95 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| Protocol | K | Clients | pairs/s | p50 ms | p95 ms | p99 ms | shed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[
             f"| {c['protocol']} | {c['k']} | {c['concurrency']} | {c['pairs_per_s']:.0f} | "
-            f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} |"
+            f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} | {c['rejected']} |"
             for c in s["grid"]
         ],
         "",
