@@ -101,8 +101,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """True when ``host:port`` can be bound right now."""
+    """True when ``host:port`` can be bound right now by a server.
+
+    ``SO_REUSEADDR``, as servers set it: connections of an earlier server still in TIME_WAIT do
+    not count, a process listening on the port does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
