@@ -5,9 +5,10 @@ Triton's ``onnxruntime`` backend is not in the embedded server, so each ONNX mod
 requests of one ``execute`` call are concatenated and run in ONE session call. A request whose
 floating-point inputs hold NaN or Inf fails alone with ``INVALID_ARG``.
 
-Config parameters: ``onnx_file`` (default ``model.onnx``), ``intra_op_threads`` (0 = ORT's
-default), and ``trim_padding`` naming a [B,L] mask input: trailing columns that are padding in
-every row are cut before the run, which changes no result (padding sits at the end).
+Config parameters: ``onnx_file`` (default ``model.onnx``); ``intra_op_thread_count`` (0 = ORT's
+default; the same key Triton's ``onnxruntime`` backend reads); and ``trim_padding`` naming a [B,L]
+mask input: trailing columns that are padding in every row are cut before the run, which changes
+no result (padding sits at the end).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class TritonPythonModel:
         path = Path(__file__).parent / get_parameter(config, "onnx_file", "model.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(get_parameter(config, "intra_op_threads", "0"))
+        options.intra_op_num_threads = int(get_parameter(config, "intra_op_thread_count", "0"))
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]

@@ -1,0 +1,707 @@
+"""Static checks of the deployment files: Dockerfiles, compose file, Kubernetes manifests.
+
+No container engine, GPU or cluster is available here (docs/deploy.md lists what that leaves
+unrun). What runs instead:
+
+* hadolint (with its ShellCheck pass) on both Dockerfiles, failing on any finding;
+* checkov's Kubernetes and Dockerfile policies, once per module;
+* strict schema validation of every core Kubernetes object (kubernetes-validate) for the oldest
+  and newest Kubernetes versions we claim;
+* cross-checks that the files agree with one another, with the builder and ``edje serve``
+  command lines, with the repository the GPU image bakes, and with docs/deploy.md;
+* the Prometheus-adapter rule's metric names, and the images' HEALTHCHECK command, against the
+  real tritonserver 2.51 (the release the GPU image's container 24.10 ships).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from google.protobuf import text_format
+from packaging.requirements import Requirement
+from tritonclient.grpc import model_config_pb2
+
+from edje.build_repo import RepoSettings, build_repository
+from edje.build_repo import parse_args as build_repo_args
+from edje_client.cli import build_parser as edje_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+ADAPTER_VALUES = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
+DOCS = ROOT / "docs" / "deploy.md"
+DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}
+BIN = Path(sys.executable).parent
+
+# The path the Deployment mounts the token bank at, and the GPU image is built for.
+BANK_PATH = "/data/token-bank"
+# Oldest and newest Kubernetes releases the manifests are validated against.
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+# ONNX Runtime 1.19 in Triton container 24.10 reads ONNX IR <= 10 and opsets <= 21.
+MAX_IR_VERSION, MAX_OPSET = 10, 21
+# Checkov findings the manifests suppress inline (checkov.io/skipN annotations, with a reason).
+ALLOWED_CHECKOV_SKIPS = {"CKV_K8S_43"}  # image digests: only known once the image is pushed
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed in {BIN}: pip install -e '.[dev]' (or make setup)")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+def dockerfile_stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """``{stage name: [(INSTRUCTION, arguments), ...]}``; continuation lines joined."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    logical = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        logical += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        instruction, _, args = logical.partition(" ")
+        logical = ""
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            image, _, name = args.partition(" AS ")
+            current = stages.setdefault(name.strip() or image.strip(), [])
+        current.append((instruction, args.strip()))
+    return stages
+
+
+def instructions(stage: list[tuple[str, str]], name: str) -> list[str]:
+    return [args for instruction, args in stage if instruction == name]
+
+
+def exec_form(args: str) -> list[str]:
+    """The JSON array of an exec-form CMD/ENTRYPOINT (after any HEALTHCHECK options)."""
+    return json.loads(args[args.index("[") :])
+
+
+def k8s_documents() -> list[tuple[Path, dict]]:
+    return [
+        (path, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def k8s_object(kind: str, name: str | None = None) -> dict:
+    (doc,) = [
+        d
+        for _, d in k8s_documents()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    return doc
+
+
+def pod_spec() -> dict:
+    return k8s_object("Deployment", "edje-triton")["spec"]["template"]["spec"]
+
+
+def server_container() -> dict:
+    (container,) = [c for c in pod_spec()["containers"] if c["name"] == "tritonserver"]
+    return container
+
+
+def adapter_rule() -> dict:
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    return rule
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text exposition -> {(metric, labels): value}."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# Linters and validators
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_hadolint_finds_nothing(flavour):
+    """hadolint (and the ShellCheck it runs on RUN lines): any finding, even style, fails."""
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", "--failure-threshold", "style", DOCKERFILES[flavour]],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkov() -> dict[str, dict]:
+    """Checkov's Kubernetes and Dockerfile scans (run once, side by side: a few seconds each)."""
+    common = ["--skip-download", "--output", "json"]  # --skip-download: no network calls
+    runs = {
+        "kubernetes": ["-d", str(K8S), "--framework", "kubernetes"],
+        "dockerfile": [
+            *(arg for path in DOCKERFILES.values() for arg in ("-f", str(path))),
+            "--framework",
+            "dockerfile",
+        ],
+    }
+    procs = {
+        kind: subprocess.Popen(
+            [_tool("checkov"), *args, *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for kind, args in runs.items()
+    }
+    reports = {}
+    for kind, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert out.strip(), f"checkov {kind} printed nothing:\n{err[-3000:]}"
+        reports[kind] = json.loads(out)
+    return reports
+
+
+def _findings(report: dict) -> list[str]:
+    return [
+        f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
+        for c in report["results"]["failed_checks"]
+    ]
+
+
+def test_checkov_kubernetes(checkov):
+    report = checkov["kubernetes"]
+    assert report["summary"]["parsing_errors"] == 0
+    assert _findings(report) == []
+    # Every object was parsed (checkov also counts the pods it derives from the workloads), and
+    # the workloads, where nearly all its policies apply, were checked.
+    assert report["summary"]["resource_count"] >= len(k8s_documents())
+    scanned = {Path(c["file_path"]).name for c in report["results"]["passed_checks"]}
+    assert {"deployment.yaml", "seed-model-repository-job.yaml", "service.yaml"} <= scanned
+    skipped = report["results"]["skipped_checks"]
+    assert {c["check_id"] for c in skipped} <= ALLOWED_CHECKOV_SKIPS
+    assert all(c["check_result"].get("suppress_comment", "").strip() for c in skipped)
+
+
+def test_checkov_dockerfiles(checkov):
+    report = checkov["dockerfile"]
+    assert report["summary"]["parsing_errors"] == 0
+    assert _findings(report) == []
+    assert report["results"]["skipped_checks"] == []
+    scanned = {Path(c["file_path"]).name for c in report["results"]["passed_checks"]}
+    assert scanned == {p.name for p in DOCKERFILES.values()}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_match_the_kubernetes_schema(version):
+    """Every core object is valid, strictly (an unknown or misspelt field fails)."""
+    import kubernetes_validate
+
+    checked = 0
+    for path, doc in k8s_documents():
+        if doc["kind"] in ("Kustomization", "ServiceMonitor"):  # not core: checked below
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name} {doc['kind']} (Kubernetes {version}): {exc.message}")
+        checked += 1
+    assert checked >= 10
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes manifests: what docs/deploy.md promises
+
+
+def test_every_object_is_namespaced_and_listed_in_the_kustomization():
+    kustomization = k8s_object("Kustomization")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    for path, doc in k8s_documents():
+        if doc["kind"] not in ("Kustomization", "Namespace"):
+            assert doc["metadata"]["namespace"] == "edje", path.name
+    # The image kustomize rewrites is the one every pod runs.
+    (image,) = kustomization["images"]
+    pods = [pod_spec(), k8s_object("Job")["spec"]["template"]["spec"]]
+    for spec in pods:
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            assert container["image"].partition(":")[0] == image["name"], container["name"]
+
+
+def test_probes_ports_and_resources():
+    container = server_container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    probes = {k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe")}
+    probes["livenessProbe"] = container["livenessProbe"]["httpGet"]
+    assert {k: (v["path"], v["port"]) for k, v in probes.items()} == {
+        "startupProbe": ("/v2/health/ready", "http"),
+        "readinessProbe": ("/v2/health/ready", "http"),
+        "livenessProbe": ("/v2/health/live", "http"),
+    }
+    # The startup probe outlasts the GPU image's HEALTHCHECK start period (engine builds).
+    startup = container["startupProbe"]
+    (healthcheck,) = instructions(dockerfile_stages(DOCKERFILES["gpu"])["runtime"], "HEALTHCHECK")
+    start_period = re.search(r"--start-period=(\d+)m", healthcheck)
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60 * int(start_period[1])
+
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind])
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+
+    # The server drains for --exit-timeout-secs after the preStop pause; both fit the grace.
+    exit_timeout = int(next(a for a in container["args"] if "exit-timeout" in a).split("=")[1])
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod_spec()["terminationGracePeriodSeconds"] >= pause + exit_timeout
+
+
+def test_pods_run_locked_down():
+    spec = pod_spec()
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] >= 10000
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    job = k8s_object("Job")["spec"]["template"]["spec"]
+    for container in spec["initContainers"] + spec["containers"] + job["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert {"requests", "limits"} <= set(container["resources"]), container["name"]
+    # Everything that must be writable is a volume: /dev/shm (Python backend) and /tmp.
+    mounts = {m["mountPath"]: m for m in server_container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+
+
+def test_volumes_for_the_model_repository_and_the_token_bank():
+    spec = pod_spec()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claims = {
+        d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "PersistentVolumeClaim"
+    }
+    for path, claim in (("/models", "edje-model-repository"), (BANK_PATH, "edje-token-bank")):
+        (mount,) = [m for m in server_container()["volumeMounts"] if m["mountPath"] == path]
+        assert mount["readOnly"] is True
+        source = volumes[mount["name"]]["persistentVolumeClaim"]
+        assert source == {"claimName": claim, "readOnly": True}
+        # Shared by every replica on any node.
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+    args = server_container()["args"]
+    assert "--model-repository=/models" in args and "--model-control-mode=none" in args
+    # The seed job writes the claim the server reads, and the manifest last (the init container
+    # waits for it).
+    job = k8s_object("Job")["spec"]["template"]["spec"]
+    assert job["volumes"][0]["persistentVolumeClaim"]["claimName"] == "edje-model-repository"
+    script = job["containers"][0]["command"][-1]
+    assert script.rstrip().splitlines()[-2].startswith("cp /models/edje_manifest.json")
+    assert "/models/edje_manifest.json" in spec["initContainers"][0]["command"][-1]
+
+
+def test_service_servicemonitor_and_network_policy_agree():
+    container_ports = {p["name"] for p in server_container()["ports"]}
+    pod_labels = k8s_object("Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = k8s_object("Service")
+    assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        ("http", 8000, "http"),
+        ("grpc", 8001, "grpc"),
+        ("metrics", 8002, "metrics"),
+    }
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+    monitor = k8s_object("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+    policy = k8s_object("NetworkPolicy", "edje-triton")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == container_ports
+
+
+def test_hpa_pdb_and_adapter_rule_agree():
+    deployment = k8s_object("Deployment")
+    hpa = k8s_object("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] >= 2
+    # A drain never takes the last ready replica.
+    pdb = k8s_object("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+    (metric,) = hpa["spec"]["metrics"]
+    rule = adapter_rule()
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    # Queue time per request, per pod, for the ranker: the model behind edje_rank and
+    # edje_rank_by_id.
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    query = rule["metricsQuery"]
+    assert "rate(nv_inference_queue_duration_us{<<.LabelMatchers>>" in query
+    assert "rate(nv_inference_request_success{<<.LabelMatchers>>" in query
+    assert query.count('model="edje_ranker"') == 2 and "clamp_min" in query
+    for ensemble in ("edje_rank", "edje_rank_by_id"):
+        config = (ROOT / "model_repository" / ensemble / "config.pbtxt").read_text()
+        assert 'model_name: "edje_ranker"' in config, ensemble
+
+
+def test_adapter_metrics_exist_on_the_real_server(triton_server):
+    """The series the adapter rule reads, by name and label, from tritonserver 2.51."""
+    import tritonclient.http as httpclient
+
+    def scrape() -> dict:
+        url = f"http://{triton_server.host}:{triton_server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return prometheus_samples(response.read().decode())
+
+    def ranker(samples: dict, metric: str) -> float:
+        (value,) = [v for (m, labels), v in samples.items() if m == metric and labels >= want]
+        return value
+
+    want = {("model", "edje_ranker"), ("version", "1")}
+    before = scrape()
+    with httpclient.InferenceServerClient(triton_server.http_url) as client:
+        text = httpclient.InferInput("text", [2, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"a red circle"], [b"two dogs"]], dtype=object))
+        tokens = httpclient.InferInput("compressed_tokens", [2, 64, 384], "FP16")
+        tokens.set_data_from_numpy(np.zeros((2, 64, 384), np.float16))
+        client.infer("edje_rank", [text, tokens])
+    after = scrape()
+    requests = ranker(after, "nv_inference_request_success") - ranker(
+        before, "nv_inference_request_success"
+    )
+    queued_us = ranker(after, "nv_inference_queue_duration_us") - ranker(
+        before, "nv_inference_queue_duration_us"
+    )
+    assert requests >= 1 and queued_us >= 0
+    # The adapter's value for this interval: milliseconds of queue per ranker request.
+    assert 0 <= queued_us / 1000 / requests < 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_images_are_pinned_non_root_and_healthchecked(flavour):
+    stages = dockerfile_stages(DOCKERFILES[flavour])
+    for stage in stages.values():
+        image = instructions(stage, "FROM")[0].split()[0]
+        if image not in ("scratch", *stages):
+            tag = image.rpartition(":")[2]
+            assert ":" in image and re.search(r"\d", tag) and "latest" not in tag, image
+    runtime = stages["runtime"]
+    user = instructions(runtime, "USER")[-1]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) > 0 and gid.isdigit(), user  # numeric: runAsNonRoot
+    assert instructions(runtime, "EXPOSE") == ["8000 8001 8002"]
+    (healthcheck,) = instructions(runtime, "HEALTHCHECK")
+    assert "/v2/health/ready" in healthcheck
+
+
+def test_gpu_image_serves_the_onnxruntime_repository():
+    stages = dockerfile_stages(DOCKERFILES["gpu"])
+    assert instructions(stages["runtime"], "FROM") == [
+        "nvcr.io/nvidia/tritonserver:24.10-py3 AS runtime"
+    ]
+    assert exec_form(instructions(stages["runtime"], "CMD")[-1]) == [
+        "tritonserver",
+        "--model-repository=/models",
+    ]
+    assert "/build/models /models" in instructions(stages["runtime"], "COPY")[-1]
+    (build,) = [r for r in instructions(stages["builder"], "RUN") if "edje-build-repo" in r]
+    assert "--runtime onnxruntime --gpu --tensorrt --output /build/models" in build
+    # Every flag the build stage may pass exists in the builder's command line.
+    build_repo_args(
+        ["--runtime", "onnxruntime", "--gpu", "--tensorrt", "--output", "/build/models"]
+        + ["--checkpoint", "c.pth", "--siglip", "s", "--language-model", "m"]
+        + ["--token-bank", BANK_PATH]
+    )
+
+
+def test_cpu_image_runs_edje_serve_on_all_interfaces():
+    stages = dockerfile_stages(DOCKERFILES["cpu"])
+    command = exec_form(instructions(stages["runtime"], "CMD")[-1])
+    assert command[0] == "edje"
+    args = edje_cli().parse_args(command[1:])
+    assert args.model_repository == "/models"
+    assert args.host == "0.0.0.0"  # container networking: see the comment above CMD
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    (build,) = [r for r in instructions(stages["builder"], "RUN") if "edje-build-repo" in r]
+    assert "--runtime python --output /build/models" in build
+    assert "loadtest" in stages and instructions(stages["loadtest"], "ENTRYPOINT") == ['["locust"]']
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_build_context_holds_what_the_dockerfile_copies(flavour):
+    """The per-Dockerfile .dockerignore is an allowlist; every COPY source must be on it."""
+    patterns = [
+        line
+        for line in Path(f"{DOCKERFILES[flavour]}.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert patterns[0] == "*"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    sources = [
+        src
+        for stage in dockerfile_stages(DOCKERFILES[flavour]).values()
+        for args in instructions(stage, "COPY")
+        if not args.startswith("--from")
+        for src in args.split()[:-1]
+    ]
+    assert sources
+    for src in sources:
+        assert src in allowed and (ROOT / src).exists(), src
+    # The constraints the Python 3.11 stages install with resolve the project's requirements.
+    constraints = (DOCKER / "constraints.txt").read_text()
+    assert re.search(r"^tokenizers==([\d.]+)$", constraints, re.M)
+
+
+def test_tokenizers_version_is_the_same_in_builder_and_triton_stage():
+    """tokenizer.json is written at build time and read in NVIDIA's image: one version."""
+    (constraint,) = re.findall(
+        r"^tokenizers==([\d.]+)$", (DOCKER / "constraints.txt").read_text(), re.M
+    )
+    assert f"'tokenizers=={constraint}'" in DOCKERFILES["gpu"].read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The repository the GPU image bakes (onnxruntime runtime, GPU, TensorRT, with a token bank)
+
+
+@pytest.fixture(scope="module")
+def gpu_bank_repo(tiny_source, tmp_path_factory) -> Path:
+    settings = RepoSettings(runtime="onnxruntime", gpu=True, tensorrt=True, token_bank=BANK_PATH)
+    return build_repository(tiny_source, tmp_path_factory.mktemp("gpu_bank") / "repo", settings)
+
+
+def _config(repo: Path, name: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(
+        (repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+
+
+def test_gpu_repository_is_what_the_container_expects(gpu_bank_repo):
+    manifest = json.loads((gpu_bank_repo / "edje_manifest.json").read_text())
+    assert manifest["settings"]["runtime"] == "onnxruntime" and manifest["settings"]["gpu"]
+    configs = {
+        p.name: _config(gpu_bank_repo, p.name) for p in gpu_bank_repo.iterdir() if p.is_dir()
+    }
+    # Every model an ensemble calls is in the repository.
+    for config in configs.values():
+        for step in config.ensemble_scheduling.step:
+            assert step.model_name in configs, (config.name, step.model_name)
+    for name, config in configs.items():
+        if config.backend == "python":
+            # Python models run on CPU threads next to the GPU models.
+            assert all(
+                g.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+                for g in config.instance_group
+            ), name
+    # The bank path baked into edje_token_bank is where the Deployment mounts the bank.
+    bank = configs["edje_token_bank"].parameters["bank_path"].string_value
+    assert bank == BANK_PATH
+    mounts = {m["mountPath"] for m in server_container()["volumeMounts"]}
+    assert BANK_PATH in mounts and "edje_rank_by_id" in configs
+
+
+def test_onnx_models_load_in_the_containers_onnx_runtime(gpu_bank_repo):
+    """ORT 1.19 (Triton 24.10) refuses newer IR versions and opsets than it knows."""
+    onnx_models = sorted(gpu_bank_repo.glob("*/1/model.onnx"))
+    assert len(onnx_models) == 3
+    for path in onnx_models:
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version <= MAX_IR_VERSION, path
+        opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+        assert opsets.get("ai.onnx", 0) <= MAX_OPSET, (path, opsets)
+
+
+# What the Triton stage of Dockerfile.gpu installs; its Python models may import nothing else.
+IMPORT_GATE = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, json, sys, types
+    allowed = set(json.loads(sys.argv[1]))
+    stdlib = set(sys.stdlib_module_names) - {"tomllib"}  # tomllib is new in 3.11; Triton's is 3.10
+
+    class Gate(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            top = name.partition(".")[0]
+            if top not in stdlib and top not in allowed:
+                raise ModuleNotFoundError(f"No module named {top!r} in the Triton image")
+
+    sys.meta_path.insert(0, Gate())
+    from tests.triton_stub import _as_module
+    sys.modules["triton_python_backend_utils"] = _as_module()
+    for model_py in sys.argv[2:]:
+        sys.path.insert(0, model_py.rsplit("/", 1)[0])
+        sys.modules.pop("edje_backend_utils", None)
+        spec = importlib.util.spec_from_file_location("m" + str(len(sys.path)), model_py)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        sys.path.pop(0)
+    """
+)
+
+
+def _distribution_closure(names: list[str]) -> set[str]:
+    """``names`` and everything they require (no extras), as installed here."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for requirement in metadata.requires(name) or []:
+            req = Requirement(requirement)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def test_python_models_import_only_what_the_gpu_image_installs(gpu_bank_repo):
+    stage = dockerfile_stages(DOCKERFILES["gpu"])["runtime"]
+    (install,) = [r for r in instructions(stage, "RUN") if "pip install" in r]
+    pinned = re.findall(r"'([A-Za-z0-9_.-]+)==[^']+'", install)
+    assert {"numpy", "pillow", "tokenizers"} <= set(pinned)
+    assert "--no-deps /tmp/wheels/edje_triton-" in install  # edje_client, for edje_token_bank
+    dists = _distribution_closure(pinned)
+    modules = {
+        module
+        for module, owners in metadata.packages_distributions().items()
+        if any(owner.lower().replace("_", "-") in dists for owner in owners)
+    }
+    allowed = sorted(modules | {"edje_client", "edje_backend_utils", "tests"})
+    model_files = sorted(str(p) for p in gpu_bank_repo.glob("*/1/model.py"))
+    assert len(model_files) == 4  # preprocess, tokenizer, text tokenizer, token bank
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_GATE, json.dumps(allowed), *model_files],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_python_model_code_parses_as_python_310(gpu_bank_repo):
+    """NVIDIA's image runs the Python backend on its own Python 3.10."""
+    files = [*gpu_bank_repo.glob("*/1/*.py"), *(ROOT / "client" / "edje_client").glob("*.py")]
+    for path in files:
+        ast.parse(path.read_text(), str(path), feature_version=(3, 10))
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_healthcheck_command_against_the_real_server(flavour, triton_server):
+    """The HEALTHCHECK's own command: passes on a ready server, fails where none listens."""
+    from edje_client.server import find_free_port
+
+    (healthcheck,) = instructions(dockerfile_stages(DOCKERFILES[flavour])["runtime"], "HEALTHCHECK")
+    command = exec_form(healthcheck)
+    assert command[0] in ("python", "python3") and command[1] == "-c"
+    code = command[2]
+    assert "127.0.0.1:8000" in code
+    ready = code.replace("127.0.0.1:8000", triton_server.http_url)
+    assert subprocess.run([sys.executable, "-c", ready], capture_output=True).returncode == 0
+    closed = code.replace("127.0.0.1:8000", f"127.0.0.1:{find_free_port()}")
+    assert subprocess.run([sys.executable, "-c", closed], capture_output=True).returncode != 0
+
+
+# --------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def test_compose_publishes_on_loopback_and_gates_the_load_test():
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    triton, locust = compose["services"]["triton"], compose["services"]["locust"]
+    published = [
+        re.fullmatch(r"\$\{EDJE_PUBLISH_ADDRESS:-127\.0\.0\.1\}:\$\{\w+:-(\d+)\}:(\d+)", port)
+        for port in triton["ports"]
+    ]
+    assert all(published), triton["ports"]  # the host's loopback unless told otherwise
+    assert {(m[1], m[2]) for m in published} == {
+        ("8000", "8000"),
+        ("8001", "8001"),
+        ("8002", "8002"),
+    }
+    assert "profiles" not in triton and locust["profiles"] == ["loadtest"]
+    assert locust["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    stages = dockerfile_stages(DOCKERFILES["cpu"])
+    for service, target in ((triton, "runtime"), (locust, "loadtest")):
+        assert (DOCKER / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["build"]["target"] == target and target in stages
+    assert triton["read_only"] and triton["cap_drop"] == ["ALL"] and triton["shm_size"]
+
+    # locust -f /loadtest/locustfile.py --headless ... with the locustfile mounted from the repo.
+    (mount,) = locust["volumes"]
+    source, target, mode = mount.split(":")
+    assert (target, mode) == ("/loadtest", "ro")
+    locustfile = (DOCKER / source / "locustfile.py").resolve()
+    assert locustfile == ROOT / "loadtest" / "locustfile.py" and locustfile.is_file()
+    command = locust["command"]
+    assert command[:3] == ["-f", "/loadtest/locustfile.py", "--headless"]
+    user_classes = {
+        n.name for n in ast.parse(locustfile.read_text()).body if isinstance(n, ast.ClassDef)
+    }
+    assert command[-1] in user_classes
+
+
+# --------------------------------------------------------------------------------------------
+# docs/deploy.md
+
+
+def test_docs_name_real_files_and_say_what_was_not_run():
+    text = DOCS.read_text()
+    assert "## What has not been run here" in text
+    for path in set(re.findall(r"(?<![\w/.-])((?:docker|deploy|loadtest)/[\w./-]*\w)", text)):
+        assert (ROOT / path).exists(), f"docs/deploy.md names {path}, which does not exist"
+    for needle in (
+        "/v2/health/ready",
+        "/v2/health/live",
+        adapter_rule()["name"]["as"],
+        "nv_inference_queue_duration_us",
+        "nvidia.com/gpu",
+    ):
+        assert needle in text, needle
+    # Every `docker build -f` in the docs names a Dockerfile that exists.
+    for command in re.findall(r"docker build [^`\n]*", text):
+        words = shlex.split(command.rstrip("\\"))
+        if "-f" in words:
+            assert (ROOT / words[words.index("-f") + 1]).is_file(), command
