@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, SiglipVisionConfig
 
+from edje.configs import published_language_config, published_vision_config
 from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
 # SigLIP2 ViT-L/16 at 384 px and MiniLM-L12-H384-uncased, as in the published checkpoint.
-VISION = SiglipVisionConfig(
-    image_size=384,
-    patch_size=16,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    layer_norm_eps=1e-6,
-)
-MINILM = BertConfig(
-    vocab_size=30522,
-    hidden_size=384,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=1536,
-    max_position_embeddings=512,
-    hidden_act="gelu",
-)
+VISION = published_vision_config()
+MINILM = published_language_config()
 
 
 def test_real_size_token_format_and_ranker_size():

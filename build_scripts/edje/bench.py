@@ -36,17 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from edje.configs import published_language_config, published_vision_config
+
 log = logging.getLogger("edje.bench")
 
 Q, D, TEXT_LEN = 64, 384, 16
-MINILM = dict(
-    hidden_size=384,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=1536,
-    vocab_size=30522,
-    max_position_embeddings=512,
-)
 
 
 def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
@@ -96,12 +90,11 @@ def gemm_gflops(size: int = 1024, rounds: int = 10) -> float:
 def section_ranker(work: Path, batch: int, rounds: int) -> dict:
     """Real-size ranker: eager vs ORT fp32 vs ORT int8; achieved FLOP rate vs GEMM."""
     import onnxruntime as ort
-    from transformers import BertConfig
 
     from edje.modeling import EDJEModelForRanking
     from edje.onnx_export import export_ranker, quantize_int8
 
-    config = BertConfig(**MINILM)
+    config = published_language_config()
     model = EDJEModelForRanking(language_config=config, num_compressed_tokens=Q).eval()
     fp32 = export_ranker(model, work / "ranker_real.onnx")
     int8 = quantize_int8(fp32, work / "ranker_real_int8.onnx")
@@ -198,19 +191,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def section_online_vit(rounds: int) -> dict:
     """EDJE (tokens precomputed) vs a joint scorer that runs the ViT for every pair."""
-    from transformers import BertConfig, SiglipVisionConfig
-
     from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
-    vision = SiglipVisionConfig(
-        image_size=384,
-        patch_size=16,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-    )
-    language = BertConfig(**MINILM)
+    vision, language = published_vision_config(), published_language_config()
     indexing = EDJEModelForIndexing(
         vision_config=vision, language_config=language, num_compressed_tokens=Q
     ).eval()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.bench import MINILM, TEXT_LEN, Q, pair_inputs
+from edje.bench import TEXT_LEN, Q, pair_inputs
+from edje.configs import published_language_config
 
 
 def torch_bf16(model, feeds: dict, seconds: float) -> float:
@@ -71,14 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
-    from transformers import BertConfig
-
     from edje.modeling import EDJEModelForRanking
     from edje.onnx_export import export_ranker
 
     work = Path(args.work)
     model = EDJEModelForRanking(
-        language_config=BertConfig(**MINILM), num_compressed_tokens=Q
+        language_config=published_language_config(), num_compressed_tokens=Q
     ).eval()
     path = export_ranker(model, work / "ranker.onnx")
     feeds = pair_inputs(args.batch, TEXT_LEN, model.image_token_id)
