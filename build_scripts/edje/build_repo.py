@@ -133,10 +133,8 @@ def fill_template(path: Path, values: dict[str, str]) -> str:
         raise KeyError(f"{path}: no value for placeholder ${{{exc.args[0]}}}") from None
 
 
-def build_repository(
-    source, output: str | Path, settings: RepoSettings | None = None, force: bool = True
-) -> Path:
-    """Export ``source`` into a Triton model repository at ``output``; return its path."""
+def build_repository(source, output: str | Path, settings: RepoSettings | None = None) -> Path:
+    """Export ``source`` into a Triton model repository at ``output`` (replacing it)."""
     from edje.onnx_export import (
         export_ranker,
         export_text_encoder,
@@ -147,8 +145,6 @@ def build_repository(
     settings = settings or RepoSettings()
     settings.validate()
     output = Path(output)
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} exists (use --force to replace it)")
     staging = output.with_name(output.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -225,8 +221,9 @@ def default_source(cache_dir: Path):
     """The embedded default model, or, until one is trained, a tiny random-weight model."""
     from edje.model_source import ModelSource
 
-    if (DEFAULT_SOURCE_DIR / "edje_config.json").is_file():
-        return ModelSource.from_dir(DEFAULT_SOURCE_DIR)
+    for directory in (DEFAULT_SOURCE_DIR, cache_dir):
+        if (directory / "edje_config.json").is_file():
+            return ModelSource.from_dir(directory)
     from edje.tiny import make_tiny_source
 
     return make_tiny_source(
@@ -352,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.validate()
         source = source_from_args(args)
         path = build_repository(source, args.output, settings)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"edje-build-repo: error: {exc}", file=sys.stderr)
         return 2
     manifest = json.loads((path / MANIFEST).read_text())
