@@ -420,7 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
     for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
         p.add_argument(f"--{name}-port", type=int, default=port, help="default: %(default)s")
-    p.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        help="server log (default: a temporary file; '-': this process's stdout, for containers)",
+    )
     return parser
 
 

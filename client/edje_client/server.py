@@ -181,9 +181,14 @@ class TritonServer:
             *self.extra_args,
         ]
 
+    @property
+    def logs_to_stdout(self) -> bool:
+        """``log_file`` ``-``: the server writes to this process's stdout (containers)."""
+        return str(self.log_file) == "-"
+
     def log_tail(self, n: int = 40) -> str:
-        """The last ``n`` lines of the server log."""
-        if self.log_file is None or not Path(self.log_file).exists():
+        """The last ``n`` lines of the server log (empty when it goes to stdout)."""
+        if self.log_file is None or self.logs_to_stdout or not Path(self.log_file).exists():
             return ""
         lines = Path(self.log_file).read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
@@ -206,7 +211,7 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_file = Path(name)
-        log = open(self.log_file, "wb")  # noqa: SIM115 - owned by the child process
+        log = None if self.logs_to_stdout else open(self.log_file, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(),
             stdout=log,
@@ -215,7 +220,8 @@ class TritonServer:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        log.close()
+        if log is not None:
+            log.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
