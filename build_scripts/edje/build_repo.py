@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import string
 import sys
@@ -27,7 +28,11 @@ from pathlib import Path
 
 log = logging.getLogger("edje.build_repo")
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repository"
+# The templates live at the top of the source tree (model_repository/), beside this package, so
+# the builder runs from a checkout (pip install -e .); EDJE_TEMPLATES points elsewhere.
+TEMPLATE_DIR = Path(
+    os.environ.get("EDJE_TEMPLATES", Path(__file__).resolve().parents[2] / "model_repository")
+)
 DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "default_model"
 MANIFEST = "edje_manifest.json"
 # Python-backend model -> the template folder whose 1/model.py it runs.
@@ -144,6 +149,11 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
 
     settings = settings or RepoSettings()
     settings.validate()
+    if not (TEMPLATE_DIR / "edje_rank" / "config.pbtxt").is_file():
+        raise FileNotFoundError(
+            f"model_repository templates not found at {TEMPLATE_DIR}: run from a checkout "
+            "installed with `pip install -e .`, or set EDJE_TEMPLATES to its model_repository/"
+        )
     output = Path(output)
     staging = output.with_name(output.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
