@@ -21,7 +21,7 @@ EVAL_DIR ?= build/eval
 
 SOAK_SECONDS ?= 60
 
-.PHONY: setup demo test test-slow soak repo serve eval bench loadtest lint format clean
+.PHONY: setup demo test test-slow soak repo serve eval bench loadtest default-model lint format clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,13 @@ ifeq ($(DATASET),)
 else
 	$(VENV)/bin/edje eval $(DATASET) --serve $(REPO_DIR) --out $(EVAL_DIR)/report
 endif
+
+# Train the embedded default (both stages) in the background; follow build/train_default.log.
+default-model: setup
+	mkdir -p build
+	nohup $(PY) -m edje.train default --out build_scripts/edje/default_model \
+		> build/train_default.log 2>&1 &
+	@echo "training in the background: tail -f build/train_default.log"
 
 # Side-by-side benchmarks: docs/performance.md, docs/bench_results.json, docs/bench_*.png.
 bench: setup

@@ -1,0 +1,1207 @@
+"""Train EDJE: the embedded default on the synthetic world, or fine-tune a model source.
+
+Two stages (DESIGN.md §2, §6):
+
+1. **First stage** (default only): a small transformers ``SiglipModel`` trained with the sigmoid
+   loss (logit scale log(10), bias -10; captions that truly describe another image in the batch
+   count as positives). Its vision tower becomes EDJE's frozen ViT and its text tower the
+   first-stage text search.
+2. **EDJE** (adapter + joint encoder + head + ``text_projection``) on the frozen ViT's cached
+   patch features, with
+
+   * ITM: binary cross-entropy on positives and negatives, plus a listwise cross-entropy over
+     (positive, negatives) per caption and per image. Negatives mix hard ones *mined by the
+     first stage* (its top-k images for a caption, top-k captions for an image) with random
+     ones, under a curriculum that raises the hard share from 0 to ``max_hard_share`` and
+     shrinks the mining depth from top-128 to top-8 (one random negative per positive is
+     always kept: hard-only failed, §6);
+   * ITC: the joint encoder's text-only ``[CLS]`` through ``text_projection`` regressed (cosine)
+     onto the first stage's text embedding;
+   * MLM on the captions through ``language_model.cls``, conditioned on the image (pair layout);
+   * optional distillation of the first stage's scores over each candidate list.
+
+Commands (``python -m edje.train --help``)::
+
+    # the embedded default (CPU, 2 cores: stage 1 ~4 min, stage 2 2000 steps ~20-40 min;
+    # --stage2-minutes N schedules stage 2 on wall time instead). See default_model/TRAINING.md.
+    python -m edje.train default --out build_scripts/edje/default_model
+    # quality on the held-out synthetic test split
+    python -m edje.train evaluate --source build_scripts/edje/default_model
+    # fine-tune a model source (e.g. the published checkpoint) on a Karpathy-format dataset;
+    # on a GPU, for example:
+    python -m edje.train finetune --source /models/edje-large --data coco/dataset_coco.json \\
+        --image-root coco/images --out /models/edje-coco --device cuda --batch-size 128 \\
+        --steps 20000 --lr 2e-5 --no-cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertTokenizerFast,
+    DataCollatorForLanguageModeling,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+)
+
+from edje import synthetic
+from edje.checkpoint import to_research_layout
+from edje.model_source import ModelSource
+from edje.modeling import (
+    EDJEModelForIndexing,
+    EDJEModelForRanking,
+    TokenCompressionAdapter,
+    build_pair_layout,
+)
+from edje.tiny import make_vocab
+
+log = logging.getLogger("edje.train")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """Sizes and schedule of the embedded default (every number the result depends on)."""
+
+    seed: int = 0
+    # World
+    image_size: int = 64
+    images_per_scene: int = 4
+    # First stage (SiglipModel)
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 2
+    text_len: int = 16
+    stage1_steps: int = 800
+    stage1_batch: int = 128
+    stage1_lr: float = 1e-3
+    # EDJE
+    num_compressed_tokens: int = 16
+    adapter_mlp_dim: int = 512
+    lm_width: int = 384
+    lm_layers: int = 2
+    lm_heads: int = 6
+    lm_intermediate: int = 768
+    stage2: StageTwo = field(default_factory=lambda: StageTwo())
+
+
+@dataclass
+class StageTwo:
+    """EDJE training schedule and loss weights."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    hard_k: int = 128  # hard negatives are drawn from the first stage's top-k ...
+    hard_k_min: int = 8  # ... with k shrinking geometrically to this
+    hard_k_decay: float = 0.7  # over this fraction of the steps
+    curriculum: float = 0.3  # fraction of steps over which the hard share goes 0 -> max
+    max_hard_share: float = 0.8
+    itm_weight: float = 1.0
+    rank_weight: float = 1.0
+    itc_weight: float = 0.5
+    mlm_weight: float = 0.5
+    mlm_with_image: bool = True
+    mlm_probability: float = 0.25
+    distill_weight: float = 0.0
+    distill_temperature: float = 0.1
+    log_every: int = 20
+    eval_every: int = 300
+    eval_queries: int = 150
+    grad_clip: float = 1.0
+    time_budget: float = 0.0  # seconds; if set, the schedule runs on wall time (steps = max)
+    warm_start_adapter: float = 0.5  # query noise when starting from the pooling head (0: off)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_multiplier(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``progress`` 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairData:
+    """Images and captions with groups: a caption matches exactly the images of its group.
+
+    ``pixels`` is uint8 [N, 3, H, W] (or ``None`` when ``load_pixels`` reads on demand).
+    """
+
+    image_group: np.ndarray  # int [N]
+    captions: list[str]
+    caption_group: np.ndarray  # int [C]
+    caption_kind: list[str]
+    pixels: torch.Tensor | None = None
+    load_pixels: Callable[[Sequence[int]], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.images_of: dict[int, np.ndarray] = {}
+        for g in np.unique(self.image_group):
+            self.images_of[int(g)] = np.flatnonzero(self.image_group == g)
+        self.captions_of: dict[int, np.ndarray] = {}
+        for g in np.unique(self.caption_group):
+            self.captions_of[int(g)] = np.flatnonzero(self.caption_group == g)
+
+    def pixel_values(self, idx: Sequence[int]) -> torch.Tensor:
+        """Normalised pixels in [-1, 1] (SigLIP: scale 1/255, mean 0.5, std 0.5)."""
+        if self.pixels is not None:
+            return self.pixels[torch.as_tensor(np.asarray(idx))].float() / 127.5 - 1.0
+        return self.load_pixels(idx)
+
+
+def to_uint8(images: Sequence) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool) -> PairData:
+    """A synthetic split: ``images_per_scene`` images per scene; captions are every template
+    (training) or one random caption per image (evaluation, one image per scene)."""
+    examples = list(synthetic.generate(split, seed, images_per_scene=images_per_scene))
+    keys = sorted({ex.scene.key for ex in examples})
+    group_of = {k: i for i, k in enumerate(keys)}
+    image_group = np.array([group_of[ex.scene.key] for ex in examples])
+    captions, caption_group, kinds = [], [], []
+    if all_templates:
+        scenes = {ex.scene.key: ex.scene for ex in examples}
+        for key in keys:
+            for text in synthetic.all_captions(scenes[key]):
+                captions.append(text)
+                caption_group.append(group_of[key])
+                kinds.append(scenes[key].caption_kind)
+    else:
+        for ex in examples:
+            captions += ex.captions
+            caption_group += [group_of[ex.scene.key]] * len(ex.captions)
+            kinds += [ex.kind] * len(ex.captions)
+    return PairData(
+        image_group, captions, np.array(caption_group), kinds, to_uint8([e.image for e in examples])
+    )
+
+
+def karpathy_data(
+    path: str | Path, split: str, image_root: str | Path | None, processor
+) -> PairData:
+    """A Karpathy-format split; every image is its own group; pixels are read on demand."""
+    from PIL import Image
+
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    files, groups, captions, caption_group, kinds = [], [], [], [], []
+    for entry in json.loads(path.read_text())["images"]:
+        if entry.get("split", split) != split:
+            continue
+        files.append(root / entry.get("filepath", "") / entry["filename"])
+        groups.append(len(files) - 1)
+        for sentence in entry["sentences"]:
+            captions.append(sentence["raw"])
+            caption_group.append(len(files) - 1)
+            kinds.append(sentence.get("kind") or "plain")
+
+    def load(idx: Sequence[int]) -> torch.Tensor:
+        images = [Image.open(files[i]).convert("RGB") for i in idx]
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
+    return PairData(np.array(groups), captions, np.array(caption_group), kinds, load_pixels=load)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers and configs
+# --------------------------------------------------------------------------------------------
+
+
+def world_tokenizer(max_length: int) -> BertTokenizerFast:
+    """WordPiece over the world's words (plus characters, so any text tokenizes)."""
+    return BertTokenizerFast(
+        vocab=make_vocab(synthetic.vocabulary()), do_lower_case=True, model_max_length=max_length
+    )
+
+
+def first_stage_config(
+    recipe: Recipe, vocab_size: int, pad_id: int, bos_id: int = 2, eos_id: int = 3
+) -> SiglipConfig:
+    return SiglipConfig(
+        vision_config=dict(
+            image_size=recipe.image_size,
+            patch_size=recipe.patch_size,
+            hidden_size=recipe.vision_width,
+            intermediate_size=recipe.vision_width * 4,
+            num_hidden_layers=recipe.vision_layers,
+            num_attention_heads=recipe.vision_heads,
+        ),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=recipe.text_width,
+            intermediate_size=recipe.text_width * 4,
+            num_hidden_layers=recipe.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=recipe.text_len,
+            projection_size=recipe.vision_width,  # image and text embeddings share one space
+            pad_token_id=pad_id,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+        ),
+    )
+
+
+def language_config(recipe: Recipe, vocab_size: int) -> BertConfig:
+    """MiniLM-like joint encoder config with the ORIGINAL vocabulary size."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.lm_width,
+        num_hidden_layers=recipe.lm_layers,
+        num_attention_heads=recipe.lm_heads,
+        intermediate_size=recipe.lm_intermediate,
+        max_position_embeddings=64 + recipe.num_compressed_tokens,
+        hidden_act="gelu",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: first-stage dual encoder
+# --------------------------------------------------------------------------------------------
+
+
+def new_first_stage(config: SiglipConfig) -> SiglipModel:
+    """A SiglipModel with the SigLIP paper's start: logit scale log(10), bias -10."""
+    clip = SiglipModel(config)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(10.0))
+        clip.logit_bias.fill_(-10.0)
+    return clip
+
+
+@torch.no_grad()
+def embed_images(clip: SiglipModel, data: PairData, batch: int = 256):
+    """Normalised first-stage image embeddings [N, E] and ViT patch features [N, P, Dv] fp16."""
+    clip.eval()
+    embs, feats = [], []
+    for start in range(0, len(data.image_group), batch):
+        idx = range(start, min(start + batch, len(data.image_group)))
+        out = clip.vision_model(pixel_values=data.pixel_values(idx))
+        embs.append(F.normalize(out.pooler_output, dim=-1))
+        feats.append(out.last_hidden_state.half())
+    return torch.cat(embs), torch.cat(feats)
+
+
+@torch.no_grad()
+def embed_texts(text_model, tokenizer, texts: Sequence[str], max_length: int, batch: int = 512):
+    """Normalised first-stage text embeddings; ids padded to ``max_length`` (as SigLIP)."""
+    text_model.eval()
+    out = []
+    for start in range(0, len(texts), batch):
+        ids = tokenizer(
+            list(texts[start : start + batch]),
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        )["input_ids"]
+        out.append(F.normalize(text_model(input_ids=ids).pooler_output, dim=-1))
+    return torch.cat(out)
+
+
+def recall_at(sim: torch.Tensor, caption_group: np.ndarray, image_group: np.ndarray, ks=(1, 10)):
+    """Text->image R@K (percent) from a [C, N] similarity matrix."""
+    order = sim.argsort(dim=1, descending=True)
+    hits = torch.from_numpy(image_group)[order] == torch.from_numpy(caption_group)[:, None]
+    first = torch.where(
+        hits.any(1), hits.float().argmax(1), torch.full_like(hits[:, 0], 10**9, dtype=torch.long)
+    )
+    return {f"R@{k}": float(100 * (first < k).float().mean()) for k in ks}
+
+
+def train_first_stage(
+    clip: SiglipModel, tokenizer, data: PairData, val: PairData, recipe: Recipe
+) -> dict[str, float]:
+    """Sigmoid-loss training of the dual encoder; returns final validation recall."""
+    opt = torch.optim.AdamW(clip.parameters(), lr=recipe.stage1_lr, weight_decay=0.05)
+    rng = np.random.default_rng(recipe.seed)
+    n, b = len(data.image_group), recipe.stage1_batch
+    t0, seen = time.time(), 0
+    for step in range(recipe.stage1_steps):
+        clip.train()
+        for g in opt.param_groups:
+            g["lr"] = recipe.stage1_lr * cosine_lr(step, recipe.stage1_steps, 100)
+        idx = rng.choice(n, size=b, replace=False)
+        groups = data.image_group[idx]
+        caps = [data.captions[rng.choice(data.captions_of[int(g)])] for g in groups]
+        ids = tokenizer(
+            caps,
+            padding="max_length",
+            max_length=recipe.text_len,
+            truncation=True,
+            return_tensors="pt",
+        )["input_ids"]
+        logits = clip(input_ids=ids, pixel_values=data.pixel_values(idx)).logits_per_text
+        labels = torch.from_numpy(2.0 * (groups[:, None] == groups[None, :]) - 1.0).float()
+        loss = -F.logsigmoid(labels * logits).sum() / b
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        seen += b
+        if step % 50 == 0 or step == recipe.stage1_steps - 1:
+            msg = (
+                f"stage1 step {step}/{recipe.stage1_steps} loss {loss.item():.3f} "
+                f"scale {clip.logit_scale.exp().item():.1f} bias {clip.logit_bias.item():.1f} "
+                f"{seen / (time.time() - t0):.0f} pairs/s"
+            )
+            if step % 250 == 0 or step == recipe.stage1_steps - 1:
+                rec = first_stage_recall(clip, tokenizer, val, recipe.text_len)
+                msg += f" | val R@1 {rec['R@1']:.1f} R@10 {rec['R@10']:.1f}"
+            log.info(msg)
+    return first_stage_recall(clip, tokenizer, val, recipe.text_len)
+
+
+def first_stage_recall(clip, tokenizer, val: PairData, text_len: int) -> dict[str, float]:
+    img, _ = embed_images(clip, val)
+    txt = embed_texts(clip.text_model, tokenizer, val.captions, text_len)
+    return recall_at(txt @ img.T, val.caption_group, val.image_group)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: EDJE
+# --------------------------------------------------------------------------------------------
+
+
+class Features:
+    """Frozen ViT patch features: cached once (``cache=True``) or computed per batch."""
+
+    def __init__(self, vision_encoder: nn.Module, data: PairData, cache: bool, device) -> None:
+        self.vision_encoder, self.data, self.device = vision_encoder.eval(), data, device
+        self.cached = None
+        if cache:
+            feats = []
+            with torch.no_grad():
+                for start in range(0, len(data.image_group), 256):
+                    idx = range(start, min(start + 256, len(data.image_group)))
+                    out = vision_encoder(pixel_values=data.pixel_values(idx).to(device))
+                    feats.append(out.last_hidden_state.half().cpu())
+            self.cached = torch.cat(feats)
+
+    @torch.no_grad()
+    def __call__(self, idx: Sequence[int]) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[torch.as_tensor(np.asarray(idx))].to(self.device).float()
+        pixels = self.data.pixel_values(idx).to(self.device)
+        return self.vision_encoder(pixel_values=pixels).last_hidden_state.float()
+
+
+@torch.no_grad()
+def mine_hard(
+    caption_emb: torch.Tensor, image_emb: torch.Tensor, data: PairData, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-stage hard negatives: top-k wrong images per caption and captions per image."""
+    cg, ig = torch.from_numpy(data.caption_group), torch.from_numpy(data.image_group)
+
+    def topk(query, keys, qg, kg):
+        out = []
+        for start in range(0, len(query), 2048):
+            sim = query[start : start + 2048] @ keys.T
+            sim[qg[start : start + 2048, None] == kg[None, :]] = -2.0  # never a positive
+            out.append(sim.topk(min(k, len(keys) - 1), dim=1).indices)
+        return torch.cat(out)
+
+    return topk(caption_emb, image_emb, cg, ig), topk(image_emb, caption_emb, ig, cg)
+
+
+@torch.no_grad()
+def init_adapter_from_head(
+    adapter: TokenCompressionAdapter, clip: SiglipModel, noise: float
+) -> None:
+    """Warm-start the adapter from the first stage's attention-pooling head.
+
+    The head computes ``h = mha(probe, x, x); h = h + mlp(layernorm(h))``, the adapter
+    ``h = mha(query, key(x), value(x)); h = h + mlp(layernorm(h))``. With key and value set to
+    the identity, every query a noisy copy of the probe and the head's attention, layer norm and
+    MLP copied, each of the Q tokens starts as (a perturbation of) the first-stage image
+    embedding instead of a uniform average, and the queries then specialise in training.
+    Parts whose shapes differ keep their random init.
+    """
+    head = clip.vision_model.head
+    probe = head.probe.reshape(1, 1, -1)
+    q, width = adapter.query.shape[1], adapter.query.shape[-1]
+    if probe.shape[-1] != width:
+        return
+    scale = noise * probe.norm() / width**0.5
+    adapter.query.copy_(probe + scale * torch.randn(1, q, width))
+    for lin in (adapter.key, adapter.value):
+        lin.weight.copy_(torch.eye(width))
+        lin.bias.zero_()
+    pairs = [(adapter.attention, head.attention), (adapter.layernorm, head.layernorm)]
+    pairs += [(adapter.mlp.fc1, head.mlp.fc1), (adapter.mlp.fc2, head.mlp.fc2)]
+    for dst, src in pairs:
+        shapes = zip(dst.state_dict().values(), src.state_dict().values(), strict=True)
+        if all(a.shape == b.shape for a, b in shapes):
+            dst.load_state_dict(src.state_dict())
+    log.info("adapter warm-started from the first stage's pooling head")
+
+
+def pair_hidden(
+    ranking: EDJEModelForRanking,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Last hidden states of pair layouts (same embedding path as ``score_pairs``)."""
+    ids, mask, types = build_pair_layout(
+        input_ids, attention_mask, tokens.shape[1], ranking.image_token_id, 0
+    )
+    words = ranking.language_model.bert.embeddings.word_embeddings
+    is_image = ids == ranking.image_token_id
+    slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, tokens.shape[1] - 1)
+    image_embeds = torch.gather(tokens, 1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    embeds = torch.where(is_image.unsqueeze(-1), image_embeds, words(ids))
+    return ranking.language_model.bert(
+        inputs_embeds=embeds, attention_mask=mask, token_type_ids=types
+    ).last_hidden_state
+
+
+class EDJETrainer:
+    """Stage-2 training of adapter + joint encoder + head + text projection."""
+
+    def __init__(
+        self,
+        indexing: EDJEModelForIndexing,
+        ranking: EDJEModelForRanking,
+        text_projection: nn.Linear,
+        tokenizer,
+        data: PairData,
+        features: Features,
+        caption_emb: torch.Tensor,
+        image_emb: torch.Tensor,
+        cfg: StageTwo,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.indexing, self.ranking, self.text_projection = indexing, ranking, text_projection
+        self.tokenizer, self.data, self.features, self.cfg = tokenizer, data, features, cfg
+        self.device = torch.device(device)
+        self.caption_emb, self.image_emb = caption_emb, image_emb
+        self.hard_images, self.hard_captions = mine_hard(caption_emb, image_emb, data, cfg.hard_k)
+        self.rng = np.random.default_rng(seed)
+        self.masker = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=cfg.mlm_probability, seed=seed
+        )
+        self.params = [
+            *indexing.vision_projection.parameters(),
+            *ranking.parameters(),
+            *text_projection.parameters(),
+        ]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.started = time.time()
+
+    def progress(self) -> float:
+        """Fraction of training done: by steps, or by wall time when ``time_budget`` is set."""
+        done = self.step / self.cfg.steps
+        if self.cfg.time_budget > 0:
+            done = max(done, (time.time() - self.started) / self.cfg.time_budget)
+        return min(1.0, done)
+
+    def hard_share(self) -> float:
+        """Share of negatives drawn from the first stage's top-k (the rest are random)."""
+        ramp = self.cfg.curriculum
+        share = 1.0 if ramp <= 0 else min(1.0, self.progress() / ramp)
+        return share * self.cfg.max_hard_share
+
+    def hard_k(self) -> int:
+        """How deep in the first stage's ranking hard negatives are drawn (shrinks in training)."""
+        cfg = self.cfg
+        progress = min(1.0, self.progress() / max(1e-9, cfg.hard_k_decay))
+        k = cfg.hard_k * (cfg.hard_k_min / cfg.hard_k) ** progress
+        return max(1, min(int(round(k)), self.hard_images.shape[1]))
+
+    def _random_image(self, group: int) -> int:
+        while True:
+            i = int(self.rng.integers(len(self.data.image_group)))
+            if self.data.image_group[i] != group:
+                return i
+
+    def _random_caption(self, group: int) -> int:
+        while True:
+            c = int(self.rng.integers(len(self.data.captions)))
+            if self.data.caption_group[c] != group:
+                return c
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """Per positive (caption c, image i): a hard-or-random wrong image for c, a random wrong
+        image for c, and a hard-or-random wrong caption for i."""
+        b, p, k = self.cfg.batch_size, self.hard_share(), self.hard_k()
+        cap = self.rng.integers(len(self.data.captions), size=b)
+        groups = self.data.caption_group[cap]
+        img = np.array([self.rng.choice(self.data.images_of[int(g)]) for g in groups])
+        neg_img, rand_img, neg_cap = [], [], []
+        for c, i, g in zip(cap, img, groups, strict=True):
+            hard = self.rng.random(2) < p
+            neg_img.append(
+                int(self.hard_images[c, self.rng.integers(k)]) if hard[0] else self._random_image(g)
+            )
+            rand_img.append(self._random_image(g))
+            neg_cap.append(
+                int(self.hard_captions[i, self.rng.integers(k)])
+                if hard[1]
+                else self._random_caption(g)
+            )
+        return dict(
+            cap=cap,
+            img=img,
+            neg_img=np.array(neg_img),
+            rand_img=np.array(rand_img),
+            neg_cap=np.array(neg_cap),
+        )
+
+    def _tokenize(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(
+            [self.data.captions[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=64,
+            return_tensors="pt",
+        )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def losses(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        b = len(batch["cap"])
+        images = np.concatenate([batch["img"], batch["neg_img"], batch["rand_img"]])
+        tokens = self.indexing.vision_projection(self.features(images))  # [3B, Q, D]
+        pos_tok, neg_tok, rand_tok = tokens.split(b)
+        ids, mask = self._tokenize(batch["cap"])
+        neg_ids, neg_mask = self._tokenize(batch["neg_cap"])
+        # Pairs: (c, i) (c, neg_img) (c, rand_img) (neg_cap, i)
+        all_ids = torch.cat([ids, ids, ids, _pad_to(neg_ids, ids.shape[1])])
+        all_mask = torch.cat([mask, mask, mask, _pad_to(neg_mask, ids.shape[1])])
+        all_tok = torch.cat([pos_tok, neg_tok, rand_tok, pos_tok])
+        hidden = pair_hidden(self.ranking, all_ids, all_mask, all_tok)
+        logits = self.ranking.classification_head(hidden).squeeze(-1).view(4, b)
+        labels = torch.zeros_like(logits)
+        labels[0] = 1.0
+        out = {
+            "itm": F.binary_cross_entropy_with_logits(
+                logits, labels, pos_weight=torch.tensor(3.0, device=self.device)
+            ),
+            # Listwise: the caption's own image among its image candidates, and the image's
+            # own caption against its caption negative.
+            "rank": F.cross_entropy(
+                logits[:3].T, torch.zeros(b, dtype=torch.long, device=self.device)
+            )
+            + F.cross_entropy(
+                logits[[0, 3]].T, torch.zeros(b, dtype=torch.long, device=self.device)
+            ),
+        }
+        out["acc"] = (logits[0] > logits[1:].max(0).values).float().mean().detach()
+        # ITC: text-only [CLS] -> text_projection ~ first-stage text embedding.
+        cls = self.ranking.language_model.bert(
+            input_ids=ids, attention_mask=mask
+        ).last_hidden_state[:, 0]
+        target = self.caption_emb[torch.as_tensor(batch["cap"])].to(self.device)
+        out["itc"] = (1 - F.cosine_similarity(self.text_projection(cls), target)).mean()
+        # MLM on the captions (conditioned on the matching image unless disabled).
+        special = (
+            (ids == self.tokenizer.cls_token_id)
+            | (ids == self.tokenizer.sep_token_id)
+            | (mask == 0)
+        )
+        masked, mlm_labels = self.masker.torch_mask_tokens(ids.cpu().clone(), special.cpu())
+        masked, mlm_labels = masked.to(self.device), mlm_labels.to(self.device)
+        if (mlm_labels >= 0).any():
+            if self.cfg.mlm_with_image:
+                h = pair_hidden(self.ranking, masked, mask, pos_tok)[:, : ids.shape[1]]
+            else:
+                h = self.ranking.language_model.bert(
+                    input_ids=masked, attention_mask=mask
+                ).last_hidden_state
+            mlm_logits = self.ranking.language_model.cls(h)
+            out["mlm"] = F.cross_entropy(
+                mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100
+            )
+        else:
+            out["mlm"] = logits.new_zeros(())
+        if self.cfg.distill_weight > 0:
+            cand = np.stack([batch["img"], batch["neg_img"], batch["rand_img"]], 1)
+            teacher = (
+                target[:, None, :] * self.image_emb[torch.as_tensor(cand)].to(self.device)
+            ).sum(-1)
+            out["distill"] = F.kl_div(
+                F.log_softmax(logits[:3].T, dim=1),
+                F.softmax(teacher / self.cfg.distill_temperature, dim=1),
+                reduction="batchmean",
+            )
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * lr_multiplier(self.step, self.progress(), cfg.warmup)
+        self.indexing.vision_projection.train()
+        self.ranking.train()
+        out = self.losses(self.sample())
+        loss = (
+            cfg.itm_weight * out["itm"]
+            + cfg.rank_weight * out["rank"]
+            + cfg.itc_weight * out["itc"]
+            + cfg.mlm_weight * out["mlm"]
+            + cfg.distill_weight * out.get("distill", 0.0)
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in out.items()} | {"loss": float(loss.detach())}
+
+    def fit(self, validate: Callable[[], dict] | None = None) -> list[dict[str, float]]:
+        """Train ``cfg.steps`` steps, logging running means and validation now and then."""
+        history, running, t0 = [], {}, time.time()
+        self.started = t0
+        while self.progress() < 1.0:
+            stats = self.train_step()
+            history.append(stats)
+            for k, v in stats.items():
+                running.setdefault(k, []).append(v)
+            s = self.step
+            last = self.progress() >= 1.0
+            if s % self.cfg.log_every == 0 or last:
+                pairs = s * self.cfg.batch_size * (5 if self.cfg.mlm_with_image else 4)
+                means = " ".join(f"{k} {np.mean(v):.3f}" for k, v in running.items())
+                log.info(
+                    f"stage2 step {s}/{self.cfg.steps} {means} "
+                    f"hard {self.hard_share():.2f}@top{self.hard_k()} "
+                    f"{pairs / (time.time() - t0):.0f} pair-passes/s"
+                )
+                running = {}
+            if validate and (s % self.cfg.eval_every == 0 or last):
+                log.info(f"stage2 step {s} validation: {validate()}")
+        return history
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    if t.shape[1] >= length:
+        return t[:, :length] if t.shape[1] > length else t
+    return F.pad(t, (0, length - t.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rerank_recall(
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    captions: Sequence[str],
+    caption_group: np.ndarray,
+    image_group: np.ndarray,
+    kinds: Sequence[str],
+    score: Callable[[Sequence[str], torch.Tensor], torch.Tensor],
+    top_k: int = 10,
+    max_queries: int | None = None,
+    show: int = 0,
+) -> dict:
+    """First-stage R@1/R@10 vs R@1 after re-ranking the top ``top_k`` with ``score``.
+
+    ``score(texts, image_indices [n, k]) -> logits [n, k]``. Reports overall, per kind and
+    over the hard subset (:data:`edje.synthetic.HARD_KINDS`).
+    """
+    n = len(captions) if max_queries is None else min(max_queries, len(captions))
+    sim = text_emb[:n] @ image_emb.T
+    order = sim.argsort(dim=1, descending=True)
+    top = order[:, :top_k]
+    logits = torch.cat(
+        [score(captions[s : min(s + 16, n)], top[s : s + 16]) for s in range(0, n, 16)]
+    )
+    reranked = top.gather(1, logits.argsort(dim=1, descending=True))
+    groups = torch.from_numpy(image_group)
+    want = torch.from_numpy(caption_group[:n])[:, None]
+    first_hit = groups[order[:, :1]].eq(want).any(1)
+    r10 = groups[top].eq(want).any(1)
+    re_hit = groups[reranked[:, :1]].eq(want).any(1)
+    kinds = np.asarray(kinds[:n])
+    hard = torch.from_numpy(np.isin(kinds, synthetic.HARD_KINDS))
+
+    def pct(x, m=None):
+        x = x if m is None else x[m]
+        return round(float(100 * x.float().mean()), 1) if len(x) else float("nan")
+
+    report = {
+        "queries": n,
+        "gallery": len(image_group),
+        "first_stage_R@1": pct(first_hit),
+        "first_stage_R@10": pct(r10),
+        "reranked_R@1": pct(re_hit),
+        "hard_queries": int(hard.sum()),
+        "hard_first_stage_R@1": pct(first_hit, hard),
+        "hard_reranked_R@1": pct(re_hit, hard),
+        "by_kind": {
+            k: {
+                "n": int((kinds == k).sum()),
+                "first_stage_R@1": pct(first_hit, torch.from_numpy(kinds == k)),
+                "reranked_R@1": pct(re_hit, torch.from_numpy(kinds == k)),
+            }
+            for k in sorted(set(kinds))
+        },
+    }
+    report["gain_R@1"] = round(report["reranked_R@1"] - report["first_stage_R@1"], 1)
+    fixed = torch.nonzero(re_hit & ~first_hit).flatten().tolist()
+    report["examples_fixed"] = [
+        {
+            "query": captions[q],
+            "first_stage_top1": int(order[q, 0]),
+            "reranked_top1": int(reranked[q, 0]),
+        }
+        for q in fixed[:show]
+    ]
+    return report
+
+
+def ranker_scorer(indexing, ranking, tokenizer, features_or_tokens, device="cpu"):
+    """``score(texts, image_idx)`` for :func:`rerank_recall` from image tokens or ViT features."""
+
+    def tokens_for(idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.flatten().tolist()
+        if isinstance(features_or_tokens, torch.Tensor):
+            return features_or_tokens[flat].to(device).float()
+        return indexing.vision_projection(features_or_tokens(flat))
+
+    def score(texts: Sequence[str], idx: torch.Tensor) -> torch.Tensor:
+        k = idx.shape[1]
+        enc = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
+        ids = enc["input_ids"].repeat_interleave(k, 0).to(device)
+        mask = enc["attention_mask"].repeat_interleave(k, 0).to(device)
+        return ranking(tokens_for(idx), ids, mask).view(len(texts), k).float().cpu()
+
+    return score
+
+
+def evaluate(
+    source: str | Path | ModelSource = "build_scripts/edje/default_model",
+    split: str = "test",
+    seed: int = 0,
+    top_k: int = 10,
+    max_queries: int | None = None,
+    show: int = 5,
+) -> dict:
+    """Text->image R@1 on a synthetic split: first stage alone vs EDJE re-ranking its top-k.
+
+    Everything goes through the shipped path: :class:`ModelSource` (strict loading), its image
+    processor and both tokenizers. Prints a few queries that re-ranking fixes.
+    """
+    src = source if isinstance(source, ModelSource) else ModelSource.from_dir(source)
+    indexing, _ = src.build_indexing_model()
+    ranking, _ = src.build_ranking_model()
+    text_model, _ = src.build_text_model()
+    tokenizer, text_tokenizer, processor = (
+        src.tokenizer(),
+        src.text_tokenizer(),
+        src.image_processor(),
+    )
+    examples = list(synthetic.generate(split, seed, images_per_scene=1))
+    keys = [ex.scene.key for ex in examples]
+    captions = [ex.captions[0] for ex in examples]
+    kinds = [ex.kind for ex in examples]
+    t0 = time.time()
+    with torch.no_grad():
+        embs, toks = [], []
+        for s in range(0, len(examples), 128):
+            px = processor(images=[e.image for e in examples[s : s + 128]], return_tensors="pt")
+            out = indexing.encode(px["pixel_values"])
+            embs.append(out.image_embedding)
+            toks.append(out.compressed_tokens.half())  # stored as fp16, like the index
+        image_emb, tokens = torch.cat(embs), torch.cat(toks)
+    text_emb = embed_texts(text_model, text_tokenizer, captions, text_tokenizer.model_max_length)
+    groups = np.arange(len(examples))
+    report = rerank_recall(
+        text_emb,
+        image_emb,
+        captions,
+        groups,
+        groups,
+        kinds,
+        ranker_scorer(indexing, ranking, tokenizer, tokens),
+        top_k,
+        max_queries,
+        show,
+    )
+    report["seconds"] = round(time.time() - t0, 1)
+    for ex in report["examples_fixed"]:
+        print(
+            f"  fixed: {ex['query']!r}\n    first stage top-1: {keys[ex['first_stage_top1']]}\n"
+            f"    re-ranked top-1:   {keys[ex['reranked_top1']]}"
+        )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save_source(
+    out: str | Path,
+    recipe: Recipe,
+    tokenizer,
+    text_tokenizer,
+    clip: SiglipModel,
+    indexing: EDJEModelForIndexing,
+    ranking: EDJEModelForRanking,
+    text_projection: nn.Linear,
+    lm_config: BertConfig,
+    description: str,
+) -> ModelSource:
+    """Write a model source (configs, tokenizers, processor, fp16 research-layout weights)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    (out / "siglip").mkdir(parents=True, exist_ok=True)
+    (out / "language_model").mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "language_model")
+    lm_config.save_pretrained(out / "language_model")
+    clip.config.save_pretrained(out / "siglip")
+    text_tokenizer.save_pretrained(out / "siglip")
+    SiglipImageProcessorPil(
+        size={"height": recipe.image_size, "width": recipe.image_size},
+        resample=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out / "siglip")
+    tensors = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
+    tensors |= {f"text_projection.{k}": v for k, v in text_projection.state_dict().items()}
+    tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
+    save_file(
+        {
+            k: v.detach()
+            .cpu()
+            .to(torch.float16 if v.is_floating_point() else v.dtype)
+            .contiguous()
+            .clone()
+            for k, v in tensors.items()
+        },
+        str(out / "edje.safetensors"),
+    )
+    source = ModelSource(
+        siglip_path="siglip",
+        language_model_path="language_model",
+        checkpoint="edje.safetensors",
+        num_compressed_tokens=recipe.num_compressed_tokens,
+        adapter_mlp_dim=recipe.adapter_mlp_dim,
+        description=description,
+    )
+    source.save(out)
+    return ModelSource.from_dir(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------------
+
+
+def build_edje(recipe: Recipe, clip: SiglipModel, lm_config: BertConfig):
+    """Fresh adapter/joint encoder/head/text projection on top of ``clip``'s vision tower."""
+    indexing = EDJEModelForIndexing(
+        vision_config=clip.config.vision_config,
+        language_config=lm_config,
+        num_compressed_tokens=recipe.num_compressed_tokens,
+        adapter_mlp_dim=recipe.adapter_mlp_dim,
+    )
+    indexing.vision_encoder.load_state_dict(clip.vision_model.state_dict())
+    indexing.vision_encoder.requires_grad_(False)
+    ranking = EDJEModelForRanking(
+        language_config=lm_config, num_compressed_tokens=recipe.num_compressed_tokens
+    )
+    text_projection = nn.Linear(lm_config.hidden_size, clip.config.text_config.projection_size)
+    return indexing, ranking, text_projection
+
+
+def train_default(
+    recipe: Recipe, out: str | Path | None, stage1_cache: str | Path | None = None
+) -> tuple[dict, ModelSource | None]:
+    """The embedded default, end to end: world -> first stage -> EDJE -> (save) -> test report."""
+    set_seed(recipe.seed)
+    t_start = time.time()
+    tokenizer = world_tokenizer(64)
+    text_tokenizer = world_tokenizer(recipe.text_len)
+    train = world_data("train", recipe.seed, recipe.images_per_scene, all_templates=True)
+    val = world_data("val", recipe.seed, 1, all_templates=False)
+    log.info(
+        f"world: {len(train.image_group)} train images, {len(train.captions)} captions, "
+        f"{len(train.images_of)} train scenes; {len(val.image_group)} val scenes"
+    )
+    clip = new_first_stage(
+        first_stage_config(recipe, text_tokenizer.vocab_size, text_tokenizer.pad_token_id)
+    )
+    log.info(f"first stage: {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M parameters")
+    if stage1_cache and Path(stage1_cache).is_file():
+        clip.load_state_dict(torch.load(stage1_cache, weights_only=True))
+        stage1 = first_stage_recall(clip, text_tokenizer, val, recipe.text_len)
+        log.info(f"stage 1 loaded from {stage1_cache}")
+    else:
+        stage1 = train_first_stage(clip, text_tokenizer, train, val, recipe)
+        if stage1_cache:
+            torch.save(clip.state_dict(), stage1_cache)
+    t_stage1 = time.time() - t_start
+    log.info(f"stage 1 done in {t_stage1:.0f}s: val {stage1}")
+    clip.eval().requires_grad_(False)
+
+    lm_config = language_config(recipe, tokenizer.vocab_size)
+    indexing, ranking, text_projection = build_edje(recipe, clip, lm_config)
+    trainable = sum(
+        p.numel()
+        for m in (indexing.vision_projection, ranking, text_projection)
+        for p in m.parameters()
+    )
+    log.info(f"EDJE: {trainable / 1e6:.2f}M trainable parameters")
+    features = Features(indexing.vision_encoder, train, cache=True, device="cpu")
+    if recipe.stage2.warm_start_adapter > 0:
+        init_adapter_from_head(indexing.vision_projection, clip, recipe.stage2.warm_start_adapter)
+    image_emb, _ = embed_images(clip, train)
+    caption_emb = embed_texts(clip.text_model, text_tokenizer, train.captions, recipe.text_len)
+    trainer = EDJETrainer(
+        indexing,
+        ranking,
+        text_projection,
+        tokenizer,
+        train,
+        features,
+        caption_emb,
+        image_emb,
+        recipe.stage2,
+        seed=recipe.seed,
+    )
+    val_features = Features(indexing.vision_encoder, val, cache=True, device="cpu")
+    val_img, _ = embed_images(clip, val)
+    val_txt = embed_texts(clip.text_model, text_tokenizer, val.captions, recipe.text_len)
+
+    def validate() -> dict:
+        indexing.eval()
+        ranking.eval()
+        rep = rerank_recall(
+            val_txt,
+            val_img,
+            val.captions,
+            val.caption_group,
+            val.image_group,
+            val.caption_kind,
+            ranker_scorer(indexing, ranking, tokenizer, val_features),
+            max_queries=recipe.stage2.eval_queries,
+        )
+        return {k: rep[k] for k in ("first_stage_R@1", "first_stage_R@10", "reranked_R@1")}
+
+    trainer.fit(validate)
+    t_train = time.time() - t_start
+    log.info(f"training done in {t_train:.0f}s")
+    ranking.eval()
+    indexing.eval()
+    source = None
+    if out is not None:
+        source = save_source(
+            out,
+            recipe,
+            tokenizer,
+            text_tokenizer,
+            clip,
+            indexing,
+            ranking,
+            text_projection,
+            lm_config,
+            description=(
+                f"embedded default: EDJE trained on the synthetic world (seed {recipe.seed}) "
+                "by `python -m edje.train default`"
+            ),
+        )
+        log.info(f"wrote {out}")
+        report = evaluate(source, "test", recipe.seed)
+    else:
+        report = {}
+    report["train_seconds"] = round(t_train)
+    report["stage1_seconds"] = round(t_stage1)
+    report["stage1_val"] = stage1
+    return report, source
+
+
+def finetune(args: argparse.Namespace) -> dict:
+    """Fine-tune a model source's EDJE (frozen ViT and first stage) on a Karpathy dataset."""
+    src = ModelSource.from_dir(args.source)
+    device = torch.device(args.device)
+    indexing, _ = src.build_indexing_model()
+    ranking, _ = src.build_ranking_model()
+    text_model, _ = src.build_text_model()
+    tokenizer, text_tokenizer = src.tokenizer(), src.text_tokenizer()
+    data = karpathy_data(args.data, args.split, args.image_root, src.image_processor())
+    indexing.to(device)
+    ranking.to(device)
+    text_model.to(device)
+    features = Features(indexing.vision_encoder, data, cache=not args.no_cache, device=device)
+    with torch.no_grad():
+        embs = []
+        for s in range(0, len(data.image_group), 64):
+            px = data.pixel_values(range(s, min(s + 64, len(data.image_group)))).to(device)
+            embs.append(
+                F.normalize(indexing.vision_encoder(pixel_values=px).pooler_output, dim=-1).cpu()
+            )
+        image_emb = torch.cat(embs)
+    caption_emb = embed_texts(
+        text_model.cpu(), text_tokenizer, data.captions, min(text_tokenizer.model_max_length, 64)
+    )
+    state = src.state_dict
+    text_projection = nn.Linear(ranking.language_model.config.hidden_size, caption_emb.shape[1])
+    if "text_projection.weight" in state:
+        text_projection.load_state_dict(
+            {
+                k.split(".", 1)[1]: v.float()
+                for k, v in state.items()
+                if k.startswith("text_projection.")
+            }
+        )
+    text_projection.to(device)
+    cfg = StageTwo(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
+    trainer = EDJETrainer(
+        indexing,
+        ranking,
+        text_projection,
+        tokenizer,
+        data,
+        features,
+        caption_emb,
+        image_emb,
+        cfg,
+        seed=args.seed,
+        device=device,
+    )
+    trainer.fit()
+    out = Path(args.out)
+    import shutil
+
+    if out.resolve() != Path(args.source).resolve():
+        shutil.copytree(args.source, out, dirs_exist_ok=True)
+    from safetensors.torch import save_file
+
+    tensors = dict(state)
+    new = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
+    new |= {f"text_projection.{k}": v for k, v in text_projection.state_dict().items()}
+    dtype = next(iter(state.values())).dtype
+    tensors |= {k: v.detach().cpu().to(dtype).contiguous().clone() for k, v in new.items()}
+    save_file(tensors, str(out / Path(src.checkpoint).name))
+    return {"steps": args.steps, "out": str(out)}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m edje.train", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("default", help="train the embedded default on the synthetic world")
+    d.add_argument("--out", default="build_scripts/edje/default_model")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--stage1-steps", type=int, default=Recipe.stage1_steps)
+    d.add_argument("--stage2-steps", type=int, default=StageTwo.steps)
+    d.add_argument(
+        "--stage2-minutes", type=float, default=0, help="wall-time budget (schedule on time)"
+    )
+    d.add_argument("--images-per-scene", type=int, default=Recipe.images_per_scene)
+    d.add_argument("--recipe", help="JSON object overriding Recipe/StageTwo fields")
+    d.add_argument("--stage1-cache", help="load the first stage from / save it to this file")
+    d.add_argument("--no-save", action="store_true", help="train and validate only")
+    e = sub.add_parser("evaluate", help="R@1 on a synthetic split: first stage vs re-ranked")
+    e.add_argument("--source", default="build_scripts/edje/default_model")
+    e.add_argument("--split", default="test")
+    e.add_argument("--seed", type=int, default=0)
+    w = sub.add_parser("world", help="write a synthetic split as PNGs + Karpathy JSON")
+    w.add_argument("--out", required=True)
+    w.add_argument("--split", default="test")
+    w.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("finetune", help="fine-tune a model source on a Karpathy-format dataset")
+    f.add_argument("--source", required=True)
+    f.add_argument("--data", required=True, help="Karpathy-format dataset JSON")
+    f.add_argument("--image-root", default=None)
+    f.add_argument("--split", default="train")
+    f.add_argument("--out", required=True)
+    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, default=2e-5)
+    f.add_argument("--warmup", type=int, default=100)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-cache", action="store_true", help="run the ViT per batch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True
+    )
+    if args.command == "default":
+        recipe = Recipe(
+            seed=args.seed,
+            stage1_steps=args.stage1_steps,
+            images_per_scene=args.images_per_scene,
+            stage2=StageTwo(steps=args.stage2_steps, time_budget=60 * args.stage2_minutes),
+        )
+        if args.recipe:
+            overrides = json.loads(args.recipe)
+            stage2 = overrides.pop("stage2", {})
+            recipe = Recipe(**(asdict(recipe) | overrides | {"stage2": recipe.stage2}))
+            recipe.stage2 = StageTwo(**(asdict(recipe.stage2) | stage2))
+        log.info(f"recipe: {json.dumps(asdict(recipe))}")
+        report, _ = train_default(recipe, None if args.no_save else args.out, args.stage1_cache)
+    elif args.command == "evaluate":
+        report = evaluate(args.source, args.split, args.seed)
+    elif args.command == "world":
+        report = {"written": str(synthetic.write_karpathy(args.out, args.split, args.seed))}
+    else:
+        report = finetune(args)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The synthetic world, the EDJE training objectives and the shipped default's re-ranking gain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edje import synthetic
+from edje.train import (
+    EDJETrainer,
+    Features,
+    Recipe,
+    StageTwo,
+    build_edje,
+    embed_images,
+    embed_texts,
+    evaluate,
+    first_stage_config,
+    language_config,
+    new_first_stage,
+    pair_hidden,
+    train_first_stage,
+    world_data,
+    world_tokenizer,
+)
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "build_scripts" / "edje" / "default_model"
+TINY = Recipe(
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_width=32,
+    text_layers=1,
+    stage1_steps=40,
+    stage1_batch=64,
+    stage1_lr=2e-3,
+    num_compressed_tokens=8,
+    adapter_mlp_dim=64,
+    lm_width=64,
+    lm_layers=1,
+    lm_heads=2,
+    lm_intermediate=128,
+)
+
+
+def _pngs(split: str, seed: int) -> list[bytes]:
+    return [ex.image.tobytes() for ex in synthetic.generate(split, seed, max_scenes=20)]
+
+
+def test_world_is_deterministic_by_seed():
+    a = list(synthetic.generate("test", seed=3, max_scenes=20))
+    b = list(synthetic.generate("test", seed=3, max_scenes=20))
+    assert [ex.image.tobytes() for ex in a] == [ex.image.tobytes() for ex in b]
+    assert [ex.captions for ex in a] == [ex.captions for ex in b]
+    assert _pngs("test", 3) != _pngs("test", 4)
+
+
+def test_splits_are_disjoint_and_hold_the_hard_twins():
+    splits = synthetic.split_scenes(seed=0)
+    keys = {name: {s.key for s in scenes} for name, scenes in splits.items()}
+    groups = {name: {s.group for s in scenes} for name, scenes in splits.items()}
+    for x, y in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not keys[x] & keys[y]
+        assert not groups[x] & groups[y]
+    test = splits["test"]
+    assert {s.caption_kind for s in test} == {"plain", "relation", "attribute_swap", "count"}
+    # Every test pair scene's colour-swapped and position-swapped twins are test scenes too.
+    for scene in (s for s in test if s.caption_kind == "attribute_swap"):
+        (c1, s1, z1), (c2, s2, z2) = scene.objects
+        swapped = synthetic.Scene("pair", ((c2, s1, z1), (c1, s2, z2)), scene.axis)
+        moved = synthetic.Scene("pair", scene.objects[::-1], scene.axis)
+        assert {swapped.key, moved.key} <= keys["test"]
+
+
+def test_captions_use_the_world_vocabulary():
+    tokenizer = world_tokenizer(64)
+    vocab = set(synthetic.vocabulary())
+    for ex in synthetic.generate("val", seed=0, captions_per_image=3, max_scenes=50):
+        for text in ex.captions:
+            assert set(text.split()) <= vocab
+            assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+
+
+def test_write_karpathy_round_trips(tmp_path):
+    from edje_client.evaluation import KarpathyDataset
+
+    path = synthetic.write_karpathy(tmp_path, "test", seed=0, max_scenes=6, captions_per_image=2)
+    data = KarpathyDataset.load(path, split="test")
+    assert len(data.images) == 6 and len(data.captions) == 12
+    assert all(p.is_file() for p in data.images)
+    assert set(data.caption_kind) <= {"plain", "relation", "attribute_swap", "count"}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    torch.manual_seed(0)
+    text_tok, tok = world_tokenizer(TINY.text_len), world_tokenizer(64)
+    data = world_data("val", seed=0, images_per_scene=1, all_templates=True)
+    clip = new_first_stage(first_stage_config(TINY, text_tok.vocab_size, text_tok.pad_token_id))
+    return TINY, text_tok, tok, data, clip
+
+
+def test_first_stage_loss_falls(tiny_setup, caplog):
+    recipe, text_tok, _, data, clip = tiny_setup
+    caplog.set_level("INFO", logger="edje.train")
+    train_first_stage(clip, text_tok, data, data, recipe)
+    losses = [
+        float(r.message.split("loss ")[1].split()[0]) for r in caplog.records if "loss" in r.message
+    ]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _trainer(tiny_setup, steps: int) -> EDJETrainer:
+    recipe, text_tok, tok, data, clip = tiny_setup
+    torch.manual_seed(0)
+    indexing, ranking, text_projection = build_edje(
+        recipe, clip, language_config(recipe, tok.vocab_size)
+    )
+    cfg = StageTwo(steps=steps, batch_size=16, lr=1e-3, warmup=5, hard_k=8, curriculum=0.5)
+    image_emb, _ = embed_images(clip, data)
+    caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
+    features = Features(indexing.vision_encoder, data, cache=True, device="cpu")
+    return EDJETrainer(
+        indexing, ranking, text_projection, tok, data, features, caption_emb, image_emb, cfg
+    )
+
+
+def test_image_tokens_reach_the_encoder(tiny_setup):
+    trainer = _trainer(tiny_setup, steps=1)
+    ranking = trainer.ranking.eval()
+    enc = trainer.tokenizer(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
+    tokens = torch.randn(2, 8, 64)
+    logits = ranking(tokens, enc["input_ids"], enc["attention_mask"])
+    hidden = pair_hidden(ranking, enc["input_ids"], enc["attention_mask"], tokens)
+    # The training path (pair_hidden) is the inference path (score_pairs).
+    torch.testing.assert_close(ranking.classification_head(hidden).squeeze(-1), logits)
+    assert not torch.allclose(
+        logits, ranking(torch.randn(2, 8, 64), enc["input_ids"], enc["attention_mask"])
+    )
+    # Gradients reach the adapter through the image positions.
+    loss = trainer.losses(trainer.sample())
+    sum(loss[k] for k in ("itm", "rank")).backward()
+    assert trainer.indexing.vision_projection.query.grad.abs().sum() > 0
+
+
+def test_edje_losses_fall(tiny_setup):
+    trainer = _trainer(tiny_setup, steps=30)
+    history = trainer.fit()
+    first, last = history[:5], history[-5:]
+    for key, factor in (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95)):
+        before, after = np.mean([h[key] for h in first]), np.mean([h[key] for h in last])
+        assert after < factor * before, (key, before, after)
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL / "edje_config.json").is_file(),
+    reason="no trained default in build_scripts/edje/default_model yet "
+    "(run `python -m edje.train default`)",
+)
+def test_shipped_default_reranking_gain():
+    from edje.model_source import ModelSource
+
+    source = ModelSource.from_dir(DEFAULT_MODEL)
+    assert not source.random_weights
+    report = evaluate(source, "test", seed=0, max_queries=150, show=0)
+    assert report["first_stage_R@10"] >= 90.0
+    assert report["reranked_R@1"] >= report["first_stage_R@1"] + 10.0, report
