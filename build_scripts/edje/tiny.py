@@ -103,6 +103,16 @@ def make_vocab(words: list[str] = BASIC_WORDS) -> dict[str, int]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 
 
+def siglip_processor(image_size: int) -> SiglipImageProcessorPil:
+    """SigLIP2's fixed-resolution preprocessing: bilinear resize to a square, mean/std 0.5."""
+    return SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=2,  # bilinear
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
 def make_tiny_source(
     out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0, description: str = ""
 ) -> ModelSource:
@@ -150,12 +160,7 @@ def make_tiny_source(
     BertTokenizerFast(vocab=make_vocab(), do_lower_case=True, model_max_length=16).save_pretrained(
         out / "siglip"
     )
-    SiglipImageProcessorPil(
-        size={"height": spec.image_size, "width": spec.image_size},
-        resample=2,  # bilinear, as SigLIP2 at fixed resolution
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(out / "siglip")
+    siglip_processor(spec.image_size).save_pretrained(out / "siglip")
 
     indexing = EDJEModelForIndexing(
         vision_config=siglip_config.vision_config,
@@ -190,19 +195,24 @@ def save_checkpoint(
     ranking: EDJEModelForRanking,
     clip: SiglipModel | None = None,
     dtype: torch.dtype = torch.float32,
+    extra: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    """Save the models' weights as one research-layout safetensors file."""
+    """Save the models' weights as one research-layout safetensors file.
+
+    ``clip`` is stored under ``clip.*``, each of ``extra`` under its key (``text_projection``).
+    """
     from safetensors.torch import save_file
 
     from edje.checkpoint import to_research_layout
 
     tensors = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
-    if clip is not None:
-        tensors.update({f"clip.{k}": v for k, v in clip.state_dict().items()})
+    for prefix, module in {"clip": clip, **(extra or {})}.items():
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
     # safetensors refuses tensors that share memory (tied MLM decoder): store copies.
     save_file(
         {
-            k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+            k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
             for k, v in tensors.items()
         },
         str(path),

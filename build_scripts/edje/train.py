@@ -56,7 +56,6 @@ from transformers import (
     BertTokenizerFast,
     DataCollatorForLanguageModeling,
     SiglipConfig,
-    SiglipImageProcessorPil,
     SiglipModel,
 )
 
@@ -69,7 +68,7 @@ from edje.modeling import (
     TokenCompressionAdapter,
     build_pair_layout,
 )
-from edje.tiny import make_vocab
+from edje.tiny import make_vocab, save_checkpoint, siglip_processor
 
 log = logging.getLogger("edje.train")
 
@@ -897,8 +896,6 @@ def save_source(
     description: str,
 ) -> ModelSource:
     """Write a model source (configs, tokenizers, processor, fp16 research-layout weights)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     (out / "siglip").mkdir(parents=True, exist_ok=True)
     (out / "language_model").mkdir(parents=True, exist_ok=True)
@@ -906,25 +903,14 @@ def save_source(
     lm_config.save_pretrained(out / "language_model")
     clip.config.save_pretrained(out / "siglip")
     text_tokenizer.save_pretrained(out / "siglip")
-    SiglipImageProcessorPil(
-        size={"height": recipe.image_size, "width": recipe.image_size},
-        resample=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(out / "siglip")
-    tensors = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
-    tensors |= {f"text_projection.{k}": v for k, v in text_projection.state_dict().items()}
-    tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
-    save_file(
-        {
-            k: v.detach()
-            .cpu()
-            .to(torch.float16 if v.is_floating_point() else v.dtype)
-            .contiguous()
-            .clone()
-            for k, v in tensors.items()
-        },
-        str(out / "edje.safetensors"),
+    siglip_processor(recipe.image_size).save_pretrained(out / "siglip")
+    save_checkpoint(
+        out / "edje.safetensors",
+        indexing,
+        ranking,
+        clip,
+        dtype=torch.float16,
+        extra={"text_projection": text_projection},
     )
     source = ModelSource(
         siglip_path="siglip",
