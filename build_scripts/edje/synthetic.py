@@ -151,28 +151,103 @@ def vocabulary() -> list[str]:
     return sorted(words | {"and"})
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, r: float, rng) -> None:
+_EDIT_CATEGORIES: tuple[tuple[str, ...], ...] = (
+    tuple(COLOURS),
+    SHAPES,
+    tuple(f"{s}s" for s in SHAPES),
+    SIZES,
+    ("two", "three", "four"),  # "one" stays: changing it would break the plural
+)
+CONTENT_WORDS = (
+    *COLOURS,
+    *SHAPES,
+    *(f"{s}s" for s in SHAPES),
+    *SIZES,
+    *NUMBERS.values(),
+    *("left", "right", "above", "below", "under", "top", "bottom"),
+)
+_FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above", "under": "above"}
+
+
+def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
+    """A minimal edit of a world caption that no longer describes its scene, or ``None``.
+
+    One of: swap two different words of one kind (colours, shapes, sizes or counts: a binding
+    error), replace one such word by another of its kind, or flip a relation word (left/right,
+    above/below). Returns the edited caption and the indices of the changed words, so training
+    can label exactly which words the image contradicts.
+    """
+    words = text.split()
+    edits: list[tuple[str, list[int]]] = []
+    for category in _EDIT_CATEGORIES:
+        at = [i for i, w in enumerate(words) if w in category]
+        for i in at:
+            for j in at:
+                if i < j and words[i] != words[j]:
+                    swapped = list(words)
+                    swapped[i], swapped[j] = words[j], words[i]
+                    edits.append((" ".join(swapped), [i, j]))
+            other = rng.choice([w for w in category if w != words[i]])
+            edits.append((" ".join(words[:i] + [other] + words[i + 1 :]), [i]))
+    for i, w in enumerate(words):
+        if w in _FLIPS:
+            edits.append((" ".join(words[:i] + [_FLIPS[w]] + words[i + 1 :]), [i]))
+        elif w in ("top", "bottom") and i > 0 and words[i - 1] == "the":
+            flipped = "bottom" if w == "top" else "top"
+            edits.append((" ".join(words[:i] + [flipped] + words[i + 1 :]), [i]))
+    # Groups joined by "and" may come in any order: an edit that only reorders them (swapping
+    # the colours of two groups of equal count and shape) still describes the scene.
+    def groups(caption: str) -> list[str]:
+        for prefix in ("a picture of ", "there are "):
+            caption = caption.removeprefix(prefix)
+        return sorted(caption.split(" and "))
+
+    edits = [e for e in edits if groups(e[0]) != groups(text)]
+    return rng.choice(edits) if edits else None
+
+
+NUM_OBJECT_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # background + every (colour, shape)
+
+
+def object_class(obj: Obj) -> int:
+    """Label-map value of an object: 1 + colour * len(SHAPES) + shape (0 is background)."""
+    return 1 + list(COLOURS).index(obj[0]) * len(SHAPES) + SHAPES.index(obj[1])
+
+
+def _draw(draw, obj: Obj, cx: float, cy: float, r: float, rng, label_draw=None) -> None:
     colour, shape, _ = obj
     fill = tuple(int(np.clip(v + rng.randint(-25, 25), 0, 255)) for v in COLOURS[colour])
     box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    triangle = [(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)]
+    for canvas, value in ((draw, fill), (label_draw, object_class(obj))):
+        if canvas is None:
+            continue
+        if shape == "circle":
+            canvas.ellipse(box, fill=value)
+        elif shape == "square":
+            canvas.rectangle(box, fill=value)
+        else:
+            canvas.polygon(triangle, fill=value)
 
 
-def render(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
-    """Draw ``scene`` with random jitter (position, colour shade, background)."""
+def render(
+    scene: Scene, rng: random.Random, size: int = 64, labels: bool = False
+) -> Image.Image | tuple[Image.Image, np.ndarray]:
+    """Draw ``scene`` with random jitter (position, colour shade, background).
+
+    With ``labels``, also return the label map ``[size, size]`` uint8 (:func:`object_class`
+    per pixel), which stage-1 training uses as dense supervision for the small ViT.
+    """
     bg = tuple(rng.randint(10, 50) for _ in range(3))
     image = Image.new("RGB", (size, size), bg)
+    label_image = Image.new("L", (size, size), 0) if labels else None
     draw = ImageDraw.Draw(image)
+    label_draw = ImageDraw.Draw(label_image) if labels else None
     s = size / 64
     if scene.kind == "plain":
         r = RADIUS[scene.objects[0][2]] * s
         cx, cy = (rng.uniform(r + 2, size - r - 2) for _ in range(2))
-        _draw(draw, scene.objects[0], cx, cy, r, rng)
+        _draw(draw, scene.objects[0], cx, cy, r, rng, label_draw)
     elif scene.kind == "pair":
         (a, b), (ra, rb) = scene.objects, [RADIUS[o[2]] * s for o in scene.objects]
         # Along the axis: a before b with a gap; across it: nearly aligned.
@@ -181,7 +256,7 @@ def render(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
         mid = rng.uniform(14 * s, size - 14 * s)
         across = [mid + rng.uniform(-3, 3) * s, mid + rng.uniform(-3, 3) * s]
         for obj, r, u, v in zip((a, b), (ra, rb), along, across, strict=True):
-            _draw(draw, obj, *((u, v) if scene.axis == "h" else (v, u)), r, rng)
+            _draw(draw, obj, *((u, v) if scene.axis == "h" else (v, u)), r, rng, label_draw)
     else:
         r = RADIUS["count"] * s
         placed: list[tuple[float, float]] = []
@@ -192,8 +267,8 @@ def render(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
                     if all((x - u) ** 2 + (y - v) ** 2 > (2 * r + 2) ** 2 for u, v in placed):
                         break
                 placed.append((x, y))
-                _draw(draw, obj, x, y, r, rng)
-    return image
+                _draw(draw, obj, x, y, r, rng, label_draw)
+    return (image, np.asarray(label_image)) if labels else image
 
 
 def split_scenes(
@@ -225,6 +300,7 @@ class Example:
     image: Image.Image
     scene: Scene
     captions: list[str] = field(default_factory=list)
+    labels: np.ndarray | None = None  # [H, W] uint8 object classes, when asked for
 
     @property
     def kind(self) -> str:
@@ -242,18 +318,24 @@ def generate(
     captions_per_image: int = 1,
     max_scenes: int | None = None,
     image_size: int = 64,
+    labels: bool = False,
 ) -> Iterator[Example]:
     """Render ``split`` deterministically: each scene (optionally a seeded subset of at most
-    ``max_scenes``) ``images_per_scene`` times, each image with its captions."""
+    ``max_scenes``) ``images_per_scene`` times, each image with its captions (and, with
+    ``labels``, its label map in ``Example.labels``; the images are the same either way)."""
     scenes = split_scenes(seed)[split]
     rng = random.Random(_seed_for(seed, split))
     if max_scenes is not None and max_scenes < len(scenes):
         scenes = rng.sample(scenes, max_scenes)
     for scene in scenes:
         for _ in range(images_per_scene):
-            image = render(scene, rng, image_size)
+            label_map = None
+            if labels:
+                image, label_map = render(scene, rng, image_size, labels=True)
+            else:
+                image = render(scene, rng, image_size)
             caps = [caption(scene, rng) for _ in range(captions_per_image)]
-            yield Example(image, scene, caps)
+            yield Example(image, scene, caps, label_map)
 
 
 def write_karpathy(out_dir: str | Path, split: str = "test", seed: int = 0, **kwargs) -> Path:
