@@ -19,9 +19,11 @@ from edje.train import (
     embed_texts,
     evaluate,
     first_stage_config,
+    init_adapter_spatial,
     language_config,
     new_first_stage,
     pair_hidden,
+    patch_object_mix,
     train_first_stage,
     world_data,
     world_tokenizer,
@@ -94,6 +96,69 @@ def test_write_karpathy_round_trips(tmp_path):
     assert set(data.caption_kind) <= {"plain", "relation", "attribute_swap", "count"}
 
 
+def test_edits_contradict_the_scene():
+    rng = __import__("random").Random(0)
+    scenes = synthetic.all_scenes()[::7]
+    kinds_edited = set()
+    for scene in scenes:
+        for text in synthetic.all_captions(scene)[:4]:
+            edited = synthetic.edit_caption(text, rng)
+            assert edited is not None, text
+            new, changed = edited
+            before, after = text.split(), new.split()
+            assert len(before) == len(after) and changed
+            assert [i for i in range(len(before)) if before[i] != after[i]] == sorted(changed)
+            # The edit no longer describes the scene: it is none of the scene's captions.
+            assert new not in synthetic.all_captions(scene), (text, new)
+            kinds_edited.add(scene.caption_kind)
+    assert kinds_edited == {"plain", "relation", "attribute_swap", "count"}
+    assert synthetic.edit_caption("a picture of", rng) is None
+
+
+def test_label_maps_match_the_images():
+    plain = list(synthetic.generate("val", seed=1, max_scenes=12))
+    labelled = list(synthetic.generate("val", seed=1, max_scenes=12, labels=True))
+    for a, b in zip(plain, labelled, strict=True):
+        assert a.image.tobytes() == b.image.tobytes()  # asking for labels changes nothing
+        pixels = np.asarray(b.image)
+        background = pixels[b.labels == 0]
+        assert (background == background[0]).all()  # unlabelled pixels are the background
+        want = {synthetic.object_class(o) for o in b.scene.objects}
+        assert set(np.unique(b.labels)) - {0} == want
+    mix = patch_object_mix(torch.from_numpy(np.stack([e.labels for e in labelled])), 8)
+    assert mix.shape == (12, 64, synthetic.NUM_OBJECT_CLASSES)
+    torch.testing.assert_close(mix.sum(-1), torch.ones(12, 64))
+
+
+def test_spatial_adapter_init_windows_each_cell():
+    from edje.modeling import TokenCompressionAdapter
+
+    torch.manual_seed(0)
+    adapter = TokenCompressionAdapter(
+        64,
+        96,
+        num_queries=16,
+        num_heads=2,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+        mlp_dim=32,
+    )
+    # Patch features whose position is readable (a positional code plus content noise).
+    code = torch.randn(64, 64)
+    features = code + 0.3 * torch.randn(40, 64, 64)
+    accuracy = init_adapter_spatial(adapter, features)
+    assert accuracy > 0.9
+    with torch.no_grad():
+        _, weights = adapter.attention(
+            adapter.query.expand(40, -1, -1), adapter.key(features), adapter.value(features)
+        )
+    cell = (torch.arange(64) // 8 // 2) * 4 + (torch.arange(64) % 8) // 2
+    own = weights[:, torch.arange(16)[:, None] == cell[None, :]].view(40, 16, 4).sum(-1)
+    assert own.mean() > 0.8, own.mean()
+    with pytest.raises(ValueError, match="square"):
+        init_adapter_spatial(adapter, features[:, :60])
+
+
 @pytest.fixture(scope="module")
 def tiny_setup():
     torch.manual_seed(0)
@@ -113,7 +178,7 @@ def test_first_stage_loss_falls(tiny_setup, caplog):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def _trainer(tiny_setup, steps: int) -> EDJETrainer:
+def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
     recipe, text_tok, tok, data, clip = tiny_setup
     torch.manual_seed(0)
     indexing, ranking, text_projection = build_edje(
@@ -123,13 +188,25 @@ def _trainer(tiny_setup, steps: int) -> EDJETrainer:
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
     features = Features(indexing.vision_encoder, data, cache=True, device="cpu")
+    extra = {}
+    if world_signals:
+        extra = dict(caption_editor=synthetic.edit_caption, mlm_words=synthetic.CONTENT_WORDS)
     return EDJETrainer(
-        indexing, ranking, text_projection, tok, data, features, caption_emb, image_emb, cfg
+        indexing,
+        ranking,
+        text_projection,
+        tok,
+        data,
+        features,
+        caption_emb,
+        image_emb,
+        cfg,
+        **extra,
     )
 
 
 def test_image_tokens_reach_the_encoder(tiny_setup):
-    trainer = _trainer(tiny_setup, steps=1)
+    trainer = _trainer(tiny_setup, steps=1, world_signals=False)
     ranking = trainer.ranking.eval()
     enc = trainer.tokenizer(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
     tokens = torch.randn(2, 8, 64)
@@ -148,9 +225,15 @@ def test_image_tokens_reach_the_encoder(tiny_setup):
 
 def test_edje_losses_fall(tiny_setup):
     trainer = _trainer(tiny_setup, steps=30)
+    batch = trainer.sample()
+    assert batch["edit_ok"].all() and batch["edit_text"] != [
+        trainer.data.captions[c] for c in batch["cap"]
+    ]
+    _, _, labels = trainer._edited(batch)
+    assert (labels.sum(1) == torch.tensor([len(w) for w in batch["edit_words"]])).all()
     history = trainer.fit()
     first, last = history[:5], history[-5:]
-    for key, factor in (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95)):
+    for key, factor in (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95), ("rtd", 0.9)):
         before, after = np.mean([h[key] for h in first]), np.mean([h[key] for h in last])
         assert after < factor * before, (key, before, after)
     assert all(np.isfinite(h["loss"]) for h in history)

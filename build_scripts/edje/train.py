@@ -97,11 +97,18 @@ class Recipe:
     stage1_steps: int = 800
     stage1_batch: int = 128
     stage1_lr: float = 1e-3
+    # Auxiliary loss: predict each patch's grid position from the ViT's last hidden state, so
+    # the frozen patch tokens keep *where* things are (the adapter needs it for relations).
+    stage1_position_weight: float = 0.2
+    # Auxiliary loss: each patch's mix of objects (colour x shape, from the renderer's label map).
+    # The tiny ViT stands in for a web-scale SigLIP, which sees shapes; from the sigmoid loss
+    # alone it barely encodes them (linear probe: 47% on 3 shapes).
+    stage1_object_weight: float = 1.0
     # EDJE
     num_compressed_tokens: int = 16
     adapter_mlp_dim: int = 512
     lm_width: int = 384
-    lm_layers: int = 2
+    lm_layers: int = 4
     lm_heads: int = 6
     lm_intermediate: int = 768
     stage2: StageTwo = field(default_factory=lambda: StageTwo())
@@ -128,13 +135,18 @@ class StageTwo:
     mlm_with_image: bool = True
     mlm_probability: float = 0.25
     distill_weight: float = 0.0
+    # World captions only: per positive, a minimally edited caption (edje.synthetic.edit_caption)
+    # as an ITM negative, and a per-word head that must find the edited words.
+    edit_negatives: bool = True
+    rtd_weight: float = 1.0
     distill_temperature: float = 0.1
     log_every: int = 20
-    eval_every: int = 300
-    eval_queries: int = 150
+    eval_every: int = 400
+    eval_queries: int = 0  # 0: the whole validation split
     grad_clip: float = 1.0
     time_budget: float = 0.0  # seconds; if set, the schedule runs on wall time (steps = max)
     warm_start_adapter: float = 0.5  # query noise when starting from the pooling head (0: off)
+    adapter_init: str = "spatial"  # "spatial" (a grid of windows), "head" (pooling head), "random"
 
 
 def set_seed(seed: int) -> None:
@@ -176,6 +188,7 @@ class PairData:
     caption_kind: list[str]
     pixels: torch.Tensor | None = None
     load_pixels: Callable[[Sequence[int]], torch.Tensor] | None = None
+    labels: torch.Tensor | None = None  # uint8 [N, H, W] object classes (synthetic world only)
 
     def __post_init__(self) -> None:
         self.images_of: dict[int, np.ndarray] = {}
@@ -200,7 +213,7 @@ def to_uint8(images: Sequence) -> torch.Tensor:
 def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool) -> PairData:
     """A synthetic split: ``images_per_scene`` images per scene; captions are every template
     (training) or one random caption per image (evaluation, one image per scene)."""
-    examples = list(synthetic.generate(split, seed, images_per_scene=images_per_scene))
+    examples = list(synthetic.generate(split, seed, images_per_scene=images_per_scene, labels=True))
     keys = sorted({ex.scene.key for ex in examples})
     group_of = {k: i for i, k in enumerate(keys)}
     image_group = np.array([group_of[ex.scene.key] for ex in examples])
@@ -218,7 +231,12 @@ def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool
             caption_group += [group_of[ex.scene.key]] * len(ex.captions)
             kinds += [ex.kind] * len(ex.captions)
     return PairData(
-        image_group, captions, np.array(caption_group), kinds, to_uint8([e.image for e in examples])
+        image_group,
+        captions,
+        np.array(caption_group),
+        kinds,
+        to_uint8([e.image for e in examples]),
+        labels=torch.from_numpy(np.stack([e.labels for e in examples])),
     )
 
 
@@ -358,7 +376,13 @@ def train_first_stage(
     clip: SiglipModel, tokenizer, data: PairData, val: PairData, recipe: Recipe
 ) -> dict[str, float]:
     """Sigmoid-loss training of the dual encoder; returns final validation recall."""
-    opt = torch.optim.AdamW(clip.parameters(), lr=recipe.stage1_lr, weight_decay=0.05)
+    vision = clip.config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    position_head = nn.Linear(vision.hidden_size, num_patches)
+    object_head = nn.Linear(vision.hidden_size, synthetic.NUM_OBJECT_CLASSES)
+    use_objects = recipe.stage1_object_weight > 0 and data.labels is not None
+    params = [*clip.parameters(), *position_head.parameters(), *object_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=0.05)
     rng = np.random.default_rng(recipe.seed)
     n, b = len(data.image_group), recipe.stage1_batch
     t0, seen = time.time(), 0
@@ -376,17 +400,27 @@ def train_first_stage(
             truncation=True,
             return_tensors="pt",
         )["input_ids"]
-        logits = clip(input_ids=ids, pixel_values=data.pixel_values(idx)).logits_per_text
+        out = clip(input_ids=ids, pixel_values=data.pixel_values(idx))
         labels = torch.from_numpy(2.0 * (groups[:, None] == groups[None, :]) - 1.0).float()
-        loss = -F.logsigmoid(labels * logits).sum() / b
+        loss = -F.logsigmoid(labels * out.logits_per_text).sum() / b
+        patches = out.vision_model_output.last_hidden_state
+        position = objects = torch.zeros(())
+        if recipe.stage1_position_weight > 0:
+            target = torch.arange(num_patches).expand(b, -1)
+            position = F.cross_entropy(position_head(patches).flatten(0, 1), target.flatten())
+        if use_objects:
+            mix = patch_object_mix(data.labels[torch.as_tensor(idx)], vision.patch_size)
+            objects = F.cross_entropy(object_head(patches).flatten(0, 1), mix.flatten(0, 1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        aux = recipe.stage1_position_weight * position + recipe.stage1_object_weight * objects
+        (loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seen += b
         if step % 50 == 0 or step == recipe.stage1_steps - 1:
             msg = (
                 f"stage1 step {step}/{recipe.stage1_steps} loss {loss.item():.3f} "
+                f"position {position.item():.3f} objects {objects.item():.3f} "
                 f"scale {clip.logit_scale.exp().item():.1f} bias {clip.logit_bias.item():.1f} "
                 f"{seen / (time.time() - t0):.0f} pairs/s"
             )
@@ -395,6 +429,12 @@ def train_first_stage(
                 msg += f" | val R@1 {rec['R@1']:.1f} R@10 {rec['R@10']:.1f}"
             log.info(msg)
     return first_stage_recall(clip, tokenizer, val, recipe.text_len)
+
+
+def patch_object_mix(labels: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per-patch share of each object class: uint8 ``[B, H, W]`` -> ``[B, P, C]`` (rows sum 1)."""
+    one_hot = F.one_hot(labels.long(), synthetic.NUM_OBJECT_CLASSES).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(one_hot, patch).flatten(2).transpose(1, 2)
 
 
 def first_stage_recall(clip, tokenizer, val: PairData, text_len: int) -> dict[str, float]:
@@ -481,6 +521,58 @@ def init_adapter_from_head(
     log.info("adapter warm-started from the first stage's pooling head")
 
 
+def init_adapter_spatial(
+    adapter: TokenCompressionAdapter, features: torch.Tensor, sharpness: float = 1.0
+) -> float:
+    """Start each of the Q adapter queries attending to its own cell of a sqrt(Q) grid.
+
+    A softmax classifier (fitted here, a few hundred steps) reads from each frozen ViT patch
+    feature ``[N, P, Dv]`` which of the Q cells the patch lies in. The key projection is set to
+    that read-out, in every attention head, and query ``i`` to ``sharpness`` times the one-hot of
+    cell ``i``. Query ``i``'s attention logits over the patches are then the classifier's cell-i
+    logits: a window on its cell. Value and output projections start as the identity, so token
+    ``i`` starts as the mean patch feature of its cell and keeps *what* is there and *where*,
+    which binding and relations need. Returns the read-out's accuracy on the patches.
+    """
+    n, p, width = features.shape
+    q, heads = adapter.query.shape[1], adapter.attention.num_heads
+    side, qside, head_dim = math.isqrt(p), math.isqrt(q), width // heads
+    if side * side != p or qside * qside != q or side % qside or q > head_dim:
+        raise ValueError(f"spatial init needs square grids and Q <= head dim (P={p}, Q={q})")
+    row, col = torch.arange(p) // side, torch.arange(p) % side
+    cell = (row // (side // qside)) * qside + col // (side // qside)  # [P]
+    x = features.reshape(-1, width).float()
+    target = cell.repeat(n)
+    readout = nn.Linear(width, q)
+    opt = torch.optim.Adam(readout.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = F.cross_entropy(readout(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = float((readout(x).argmax(1) == target).float().mean())
+        scale = sharpness * head_dim**0.5  # cancels MHA's 1/sqrt(head_dim)
+        adapter.key.weight.zero_()
+        adapter.key.bias.zero_()
+        adapter.query.zero_()
+        for h in range(heads):
+            rows = slice(h * head_dim, h * head_dim + q)
+            adapter.key.weight[rows] = readout.weight
+            adapter.key.bias[rows] = readout.bias
+            adapter.query[0, :, rows] = torch.eye(q) * scale
+        eye = torch.eye(width)
+        adapter.value.weight.copy_(eye)
+        adapter.value.bias.zero_()
+        attention = adapter.attention
+        attention.in_proj_weight.copy_(torch.cat([eye, eye, eye]))
+        attention.in_proj_bias.zero_()
+        attention.out_proj.weight.copy_(eye)
+        attention.out_proj.bias.zero_()
+    log.info(f"adapter: spatial init, {qside}x{qside} grid (cell read-out accuracy {accuracy:.2f})")
+    return accuracy
+
+
 def pair_hidden(
     ranking: EDJEModelForRanking,
     input_ids: torch.Tensor,
@@ -517,8 +609,12 @@ class EDJETrainer:
         cfg: StageTwo,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        caption_editor: Callable[[str, random.Random], tuple[str, list[int]] | None] | None = None,
+        mlm_words: Sequence[str] | None = None,
     ) -> None:
         self.indexing, self.ranking, self.text_projection = indexing, ranking, text_projection
+        self.editor = caption_editor if cfg.edit_negatives else None
+        self.edit_rng = random.Random(seed)
         self.tokenizer, self.data, self.features, self.cfg = tokenizer, data, features, cfg
         self.device = torch.device(device)
         self.caption_emb, self.image_emb = caption_emb, image_emb
@@ -527,10 +623,21 @@ class EDJETrainer:
         self.masker = DataCollatorForLanguageModeling(
             tokenizer, mlm_probability=cfg.mlm_probability, seed=seed
         )
+        # MLM masks only these words when given (content words: each masked word is then a
+        # question about the image), otherwise any word.
+        self.mlm_ids = (
+            torch.tensor(tokenizer.convert_tokens_to_ids(list(mlm_words)))
+            if mlm_words is not None
+            else None
+        )
+        # Training-only head: which words of a pair does the image contradict?
+        hidden = ranking.language_model.config.hidden_size
+        self.rtd_head = nn.Linear(hidden, 1).to(self.device)
         self.params = [
             *indexing.vision_projection.parameters(),
             *ranking.parameters(),
             *text_projection.parameters(),
+            *self.rtd_head.parameters(),
         ]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -587,52 +694,102 @@ class EDJETrainer:
                 if hard[1]
                 else self._random_caption(g)
             )
-        return dict(
+        batch = dict(
             cap=cap,
             img=img,
             neg_img=np.array(neg_img),
             rand_img=np.array(rand_img),
             neg_cap=np.array(neg_cap),
         )
+        if self.editor is not None:
+            edits = [self.editor(self.data.captions[c], self.edit_rng) for c in cap]
+            batch["edit_ok"] = np.array([e is not None for e in edits])
+            batch["edit_text"] = [
+                e[0] if e else self.data.captions[c] for e, c in zip(edits, cap, strict=True)
+            ]
+            batch["edit_words"] = [e[1] if e else [] for e in edits]
+        return batch
 
     def _tokenize(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(
-            [self.data.captions[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=64,
-            return_tensors="pt",
-        )
+        enc = self._encode([self.data.captions[i] for i in idx])
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _encode(self, texts: list[str]):
+        return self.tokenizer(
+            texts, padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
+
+    def _edited(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edited captions (ids, mask) and per-token labels (1: an edited word)."""
+        enc = self._encode(batch["edit_text"])
+        labels = torch.zeros(enc["input_ids"].shape)
+        for row, changed in enumerate(batch["edit_words"]):
+            for t, w in enumerate(enc.word_ids(row)):
+                if w is not None and w in changed:
+                    labels[row, t] = 1.0
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return ids, mask, labels
 
     def losses(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         b = len(batch["cap"])
-        images = np.concatenate([batch["img"], batch["neg_img"], batch["rand_img"]])
-        tokens = self.indexing.vision_projection(self.features(images))  # [3B, Q, D]
-        pos_tok, neg_tok, rand_tok = tokens.split(b)
+        edit = self.editor is not None
+        images = np.concatenate(
+            [batch["img"], batch["neg_img"]] + ([] if edit else [batch["rand_img"]])
+        )
+        tokens = self.indexing.vision_projection(self.features(images))  # [2B or 3B, Q, D]
+        pos_tok, neg_tok, *rest = tokens.split(b)
         ids, mask = self._tokenize(batch["cap"])
+        if edit:
+            third_ids, third_mask, edit_labels = self._edited(batch)
+            third_tok = pos_tok  # (edited caption, its image)
+        else:
+            third_ids, third_mask, third_tok = ids, mask, rest[0]  # (caption, random image)
         neg_ids, neg_mask = self._tokenize(batch["neg_cap"])
-        # Pairs: (c, i) (c, neg_img) (c, rand_img) (neg_cap, i)
-        all_ids = torch.cat([ids, ids, ids, _pad_to(neg_ids, ids.shape[1])])
-        all_mask = torch.cat([mask, mask, mask, _pad_to(neg_mask, ids.shape[1])])
-        all_tok = torch.cat([pos_tok, neg_tok, rand_tok, pos_tok])
+        length = max(ids.shape[1], neg_ids.shape[1], third_ids.shape[1])
+        if edit:
+            edit_labels = _pad_to(edit_labels, length)
+        ids, mask, third_ids, third_mask = (
+            _pad_to(t, length) for t in (ids, mask, third_ids, third_mask)
+        )
+        # Pairs: (c, i) (c, neg_img) (c, rand_img) or (edited c, i), (neg_cap, i)
+        all_ids = torch.cat([ids, ids, third_ids, _pad_to(neg_ids, length)])
+        all_mask = torch.cat([mask, mask, third_mask, _pad_to(neg_mask, length)])
+        all_tok = torch.cat([pos_tok, neg_tok, third_tok, pos_tok])
         hidden = pair_hidden(self.ranking, all_ids, all_mask, all_tok)
         logits = self.ranking.classification_head(hidden).squeeze(-1).view(4, b)
         labels = torch.zeros_like(logits)
         labels[0] = 1.0
+        if edit:  # an edit that found nothing to change leaves a positive: leave it out
+            keep = torch.ones_like(logits)
+            keep[2] = torch.from_numpy(batch["edit_ok"]).float()
+        else:
+            keep = torch.ones_like(logits)
+        zero = torch.zeros(b, dtype=torch.long, device=self.device)
+        image_side, caption_side = ([0, 1], [0, 2, 3]) if edit else ([0, 1, 2], [0, 3])
         out = {
             "itm": F.binary_cross_entropy_with_logits(
-                logits, labels, pos_weight=torch.tensor(3.0, device=self.device)
+                logits, labels, weight=keep, pos_weight=torch.tensor(3.0, device=self.device)
             ),
             # Listwise: the caption's own image among its image candidates, and the image's
-            # own caption against its caption negative.
-            "rank": F.cross_entropy(
-                logits[:3].T, torch.zeros(b, dtype=torch.long, device=self.device)
-            )
-            + F.cross_entropy(
-                logits[[0, 3]].T, torch.zeros(b, dtype=torch.long, device=self.device)
-            ),
+            # own caption among its caption candidates.
+            "rank": F.cross_entropy(logits[image_side].T, zero)
+            + F.cross_entropy((logits + (keep - 1) * 1e4)[caption_side].T, zero),
         }
+        if edit:
+            # Which words does the image contradict? Rows: the positive (none) and the edit.
+            text_len = ids.shape[1]
+            word_logits = self.rtd_head(
+                hidden.view(4, b, -1, hidden.shape[-1])[[0, 2], :, :text_len]
+            )
+            word_mask = torch.stack([mask, third_mask]).float()
+            word_mask[1] *= keep[2][:, None]
+            word_labels = torch.stack([torch.zeros_like(edit_labels), edit_labels]).to(self.device)
+            out["rtd"] = (
+                F.binary_cross_entropy_with_logits(
+                    word_logits.squeeze(-1), word_labels, reduction="none"
+                )
+                * word_mask
+            ).sum() / word_mask.sum()
         out["acc"] = (logits[0] > logits[1:].max(0).values).float().mean().detach()
         # ITC: text-only [CLS] -> text_projection ~ first-stage text embedding.
         cls = self.ranking.language_model.bert(
@@ -646,6 +803,8 @@ class EDJETrainer:
             | (ids == self.tokenizer.sep_token_id)
             | (mask == 0)
         )
+        if self.mlm_ids is not None:
+            special |= ~torch.isin(ids.cpu(), self.mlm_ids).to(special.device)
         masked, mlm_labels = self.masker.torch_mask_tokens(ids.cpu().clone(), special.cpu())
         masked, mlm_labels = masked.to(self.device), mlm_labels.to(self.device)
         if (mlm_labels >= 0).any():
@@ -662,12 +821,14 @@ class EDJETrainer:
         else:
             out["mlm"] = logits.new_zeros(())
         if self.cfg.distill_weight > 0:
-            cand = np.stack([batch["img"], batch["neg_img"], batch["rand_img"]], 1)
+            cand = np.stack(
+                [batch[k] for k in ("img", "neg_img", "rand_img")[: len(image_side)]], 1
+            )
             teacher = (
                 target[:, None, :] * self.image_emb[torch.as_tensor(cand)].to(self.device)
             ).sum(-1)
             out["distill"] = F.kl_div(
-                F.log_softmax(logits[:3].T, dim=1),
+                F.log_softmax(logits[image_side].T, dim=1),
                 F.softmax(teacher / self.cfg.distill_temperature, dim=1),
                 reduction="batchmean",
             )
@@ -686,6 +847,7 @@ class EDJETrainer:
             + cfg.itc_weight * out["itc"]
             + cfg.mlm_weight * out["mlm"]
             + cfg.distill_weight * out.get("distill", 0.0)
+            + cfg.rtd_weight * out.get("rtd", 0.0)
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -985,7 +1147,11 @@ def train_default(
     )
     log.info(f"EDJE: {trainable / 1e6:.2f}M trainable parameters")
     features = Features(indexing.vision_encoder, train, cache=True, device="cpu")
-    if recipe.stage2.warm_start_adapter > 0:
+    if recipe.stage2.adapter_init == "spatial":
+        init_adapter_spatial(
+            indexing.vision_projection, features(range(min(512, len(train.image_group))))
+        )
+    elif recipe.stage2.adapter_init == "head":
         init_adapter_from_head(indexing.vision_projection, clip, recipe.stage2.warm_start_adapter)
     image_emb, _ = embed_images(clip, train)
     caption_emb = embed_texts(clip.text_model, text_tokenizer, train.captions, recipe.text_len)
@@ -1000,6 +1166,8 @@ def train_default(
         image_emb,
         recipe.stage2,
         seed=recipe.seed,
+        caption_editor=synthetic.edit_caption,
+        mlm_words=synthetic.CONTENT_WORDS,
     )
     val_features = Features(indexing.vision_encoder, val, cache=True, device="cpu")
     val_img, _ = embed_images(clip, val)
@@ -1016,7 +1184,7 @@ def train_default(
             val.image_group,
             val.caption_kind,
             ranker_scorer(indexing, ranking, tokenizer, val_features),
-            max_queries=recipe.stage2.eval_queries,
+            max_queries=recipe.stage2.eval_queries or None,
         )
         return {k: rep[k] for k in ("first_stage_R@1", "first_stage_R@10", "reranked_R@1")}
 
