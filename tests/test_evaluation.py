@@ -37,8 +37,19 @@ def test_oracle_reranker_fixes_every_query_within_k():
     def oracle(captions: np.ndarray, imgs: np.ndarray) -> np.ndarray:
         return (owner[captions] == imgs).astype(np.float32)
 
+    kinds = ["plain", "relation"] * n_images
+    captions = [f"caption {i}" for i in range(len(owner))]
+    names = [f"img{i}.png" for i in range(n_images)]
     report = evaluate_retrieval(
-        images, texts, owner, oracle, k=10, caption_kind=["a", "b"] * n_images
+        images,
+        texts,
+        owner,
+        oracle,
+        k=10,
+        caption_kind=kinds,
+        captions=captions,
+        image_names=names,
+        examples=3,
     )
     t2i = report["text_to_image"]
     assert t2i["reranked"]["R@1"] == t2i["first_stage"]["R@10"]  # every hit in the top 10 moves up
@@ -46,11 +57,26 @@ def test_oracle_reranker_fixes_every_query_within_k():
     assert (
         report["image_to_text"]["reranked"]["R@1"] == report["image_to_text"]["first_stage"]["R@10"]
     )
-    assert set(report["text_to_image_r1_by_kind"]) == {"a", "b"}
+    assert set(report["text_to_image_r1_by_kind"]) == {"plain", "relation"}
+    # The hard subset is every kind but plain: here the relation captions (odd indices).
+    first_hits = np.argsort(-(texts @ images.T), axis=1)[:, 0] == owner
+    hard = report["text_to_image_r1_hard"]
+    assert hard["queries"] == n_images
+    assert hard["first_stage"] == pytest.approx(100 * first_hits[1::2].mean())
+    # Fixed = first-stage top 1 wrong, re-ranked top 1 right; the oracle breaks nothing.
+    in_top10 = report["text_to_image"]["first_stage"]["R@10"] / 100 * len(owner)
+    assert report["text_to_image_fixed"] == round(in_top10 - first_hits.sum())
+    assert report["text_to_image_broken"] == 0
+    assert len(report["fixed_examples"]) == 3
+    for ex in report["fixed_examples"]:
+        q = captions.index(ex["query"])
+        assert not first_hits[q] and ex["reranked_top1"] == names[owner[q]]
+        assert ex["first_stage_top1"] != ex["reranked_top1"]
     # Re-ranking only permutes the top k: R@10 cannot change.
     assert t2i["reranked"]["R@10"] == t2i["first_stage"]["R@10"]
     table = markdown_table(report)
     assert "| text→image | first stage |" in table and "+ EDJE top-10" in table
+    assert "**hard subset**" in table
 
 
 def test_karpathy_loader(tmp_path):

@@ -231,6 +231,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = markdown_table(report)
     out.with_suffix(".md").write_text(table)
     print(table)
+    print(
+        f"re-ranking fixed {report['text_to_image_fixed']} text->image top-1 results and broke "
+        f"{report['text_to_image_broken']}"
+    )
+    for ex in report.get("fixed_examples", []):
+        print(
+            f"  fixed: {ex['query']!r}: first stage {ex['first_stage_top1']}, "
+            f"re-ranked {ex['reranked_top1']}"
+        )
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 

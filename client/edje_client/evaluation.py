@@ -7,7 +7,8 @@ Reads datasets in the Karpathy JSON format of the Flickr30k and COCO evaluations
 
 As in the paper, the first stage ranks the whole collection by cosine similarity of SigLIP
 embeddings and EDJE re-ranks the first stage's top ``k`` (10 by default). An optional ``kind``
-field on a sentence (e.g. ``"relation"``) adds text->image R@1 per kind to the report.
+field on a sentence (e.g. ``"relation"``) adds text->image R@1 per kind to the report, and over
+the *hard subset*: every caption with a kind other than ``"plain"``.
 """
 
 from __future__ import annotations
@@ -91,10 +92,15 @@ def evaluate_retrieval(
     pair_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
     k: int = 10,
     caption_kind: list[str | None] | None = None,
+    captions: list[str] | None = None,
+    image_names: list[str] | None = None,
+    examples: int = 5,
 ) -> dict:
     """Recall@1/5/10 both ways, first stage and re-ranked.
 
-    ``pair_scores(caption_indices, image_indices)`` returns EDJE's logit for each pair.
+    ``pair_scores(caption_indices, image_indices)`` returns EDJE's logit for each pair. With
+    ``captions``, the report lists up to ``examples`` text queries that re-ranking fixed (the
+    first stage's top 1 was wrong, the re-ranked top 1 is right), named by ``image_names``.
     """
     sims = text_embeddings @ image_embeddings.T  # [captions, images]
     n_captions, n_images = sims.shape
@@ -116,8 +122,28 @@ def evaluate_retrieval(
             "reranked": recalls(_first_relevant_rank(i2t_rerank, t2i_relevant.T)),
         },
     }
+    fixed = (t2i_first >= 1) & (t2i_after < 1)
+    report["text_to_image_fixed"] = int(fixed.sum())
+    report["text_to_image_broken"] = int(((t2i_first < 1) & (t2i_after >= 1)).sum())
+    if captions is not None:
+        name = (lambda i: image_names[i]) if image_names else int
+        report["fixed_examples"] = [
+            {
+                "query": captions[q],
+                "first_stage_top1": name(int(t2i_order[q, 0])),
+                "reranked_top1": name(int(t2i_rerank[q, 0])),
+            }
+            for q in np.flatnonzero(fixed)[:examples]
+        ]
     kinds = sorted({c for c in caption_kind or [] if c})
     if kinds:
+        hard = np.array([c is not None and c != "plain" for c in caption_kind])
+        if hard.any():
+            report["text_to_image_r1_hard"] = {
+                "queries": int(hard.sum()),
+                "first_stage": float(100 * np.mean(t2i_first[hard] < 1)),
+                "reranked": float(100 * np.mean(t2i_after[hard] < 1)),
+            }
         report["text_to_image_r1_by_kind"] = {
             kind: {
                 "queries": int(mask.sum()),
@@ -147,7 +173,10 @@ def markdown_table(report: dict) -> str:
             "| Caption kind | Queries | First-stage R@1 | Re-ranked R@1 |",
             "| --- | --- | --- | --- |",
         ]
-        for kind, row in report["text_to_image_r1_by_kind"].items():
+        rows = list(report["text_to_image_r1_by_kind"].items())
+        if "text_to_image_r1_hard" in report:
+            rows.append(("**hard subset** (all but plain)", report["text_to_image_r1_hard"]))
+        for kind, row in rows:
             lines.append(
                 f"| {kind} | {row['queries']} | {row['first_stage']:.1f} | {row['reranked']:.1f} |"
             )
@@ -175,4 +204,6 @@ def evaluate_with_client(
         pair_scores,
         k,
         dataset.caption_kind,
+        captions=dataset.captions,
+        image_names=[p.name for p in dataset.images],
     )
