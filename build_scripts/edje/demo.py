@@ -4,7 +4,9 @@
 2. Start the embedded tritonserver on free loopback ports.
 3. Index a held-out gallery (the synthetic world's test split) through ``edje_index``.
 4. Search: first-stage embedding search (``edje_text_embed`` + FAISS), EDJE re-ranks the top 10.
-5. Print, for a few hard queries, the first-stage top 5 and the re-ranked top 5, then Recall@1.
+5. Print, for a few queries (some that re-ranking fixed, then hard ones spread over the split),
+   the first-stage top 5 and the re-ranked top 5, then Recall@1 overall, per kind and on the
+   hard subset.
 6. Stop the server, and write a PNG contact sheet (``build/demo/contact_sheet.png``).
 """
 
@@ -123,8 +125,17 @@ def run(work: Path, repo: Path, queries: int) -> int:
                 f"indexed {len(ids)} gallery images in {time.perf_counter() - t0:.1f} s "
                 f"({indexed.tokens[0].nbytes} bytes of tokens each)"
             )
+            report = evaluate_with_client(client, dataset, RERANK_K, indexed=indexed)
+            # Show some queries re-ranking fixed, then hard queries spread over the split.
+            fixed = [dataset.captions.index(ex["query"]) for ex in report["fixed_examples"]]
+            shown = fixed[: queries // 2]
+            shown += [q for q in pick_queries(dataset, queries) if q not in shown]
+            print(
+                f"\n{min(len(fixed), queries // 2)} of the queries below are ones re-ranking "
+                "fixed; the rest are hard queries spread over the split (* = the right image)"
+            )
             sheet_rows = []
-            for q in pick_queries(dataset, queries):
+            for q in shown[:queries]:
                 response = search(client, store, dataset.captions[q], k=RERANK_K)
                 truth = ids[dataset.caption_image[q]]
                 show(response, truth)
@@ -138,14 +149,16 @@ def run(work: Path, repo: Path, queries: int) -> int:
                         root / truth,
                     )
                 )
-            report = evaluate_with_client(client, dataset, RERANK_K, indexed=indexed)
     t2i = report["text_to_image"]
     print(
         f"\ntext->image R@1 over {report['num_captions']} held-out queries: first stage "
         f"{t2i['first_stage']['R@1']:.1f}  ->  EDJE re-ranked top {RERANK_K} "
         f"{t2i['reranked']['R@1']:.1f}"
     )
-    for kind, row in report.get("text_to_image_r1_by_kind", {}).items():
+    rows = list(report.get("text_to_image_r1_by_kind", {}).items())
+    if "text_to_image_r1_hard" in report:
+        rows.append(("hard subset", report["text_to_image_r1_hard"]))
+    for kind, row in rows:
         print(
             f"  {kind:<15} ({row['queries']:>4} queries): {row['first_stage']:5.1f} -> "
             f"{row['reranked']:5.1f}"
