@@ -159,6 +159,19 @@ def test_spatial_adapter_init_windows_each_cell():
         init_adapter_spatial(adapter, features[:, :60])
 
 
+def test_probes_read_what_the_features_hold():
+    from edje.probes import feature_probes
+
+    examples = list(synthetic.generate("val", seed=0, max_scenes=60, labels=True))
+    labels = torch.from_numpy(np.stack([e.labels for e in examples]))
+    mix = patch_object_mix(labels, 8)
+    position = torch.eye(64).expand(len(examples), -1, -1)
+    oracle = feature_probes(torch.cat([position, mix], -1), labels, 8)
+    assert min(oracle.values()) > 0.8, oracle
+    noise = feature_probes(torch.randn(len(examples), 64, 32), labels, 8)
+    assert noise["patch_shape"] < 0.6 and noise["position"] < 0.2, noise
+
+
 @pytest.fixture(scope="module")
 def tiny_setup():
     torch.manual_seed(0)

@@ -1,0 +1,119 @@
+"""Linear probes: what the frozen ViT's patch features say about the synthetic world.
+
+A re-ranker can only verify what its image tokens carry. These probes fit a linear classifier
+(held-out accuracy) on the last hidden state of a first-stage ViT over rendered validation
+images, for:
+
+* ``position``: which of the P patches a feature came from;
+* ``patch_colour`` / ``patch_shape``: the object covering more than half of a patch;
+* ``object_shape``: an object's shape from the mean feature of the patches it covers (> 30%).
+
+Chance is 1/P, 1/6 and 1/3. Run on a stage-1 checkpoint that ``python -m edje.train default
+--stage1-cache FILE`` wrote, or on a model source's ViT::
+
+    python -m edje.probes --stage1 build/stage1.pt
+    python -m edje.probes --source build_scripts/edje/default_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edje import synthetic
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int = 300) -> float:
+    """Held-out (30%) accuracy of a linear softmax classifier on standardised ``x``."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, test = perm[: int(0.7 * len(x))], perm[int(0.7 * len(x)) :]
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-5
+    x = (x - mean) / std
+    linear = nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(linear(x[train]), y[train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((linear(x[test]).argmax(1) == y[test]).float().mean())
+
+
+def feature_probes(features: torch.Tensor, labels: torch.Tensor, patch: int) -> dict[str, float]:
+    """Probe ``features`` [N, P, D] against the renderer's label maps [N, H, W]."""
+    from edje.train import patch_object_mix
+
+    n, p, _ = features.shape
+    features = features.float()
+    mix = patch_object_mix(labels, patch)  # [N, P, C]; class c - 1 = colour * 3 + shape
+    share, cls = mix[..., 1:].max(-1)
+    covered = share > 0.5
+    shapes = len(synthetic.SHAPES)
+    objects, object_shape = [], []
+    for i in range(n):
+        for c in labels[i].unique().tolist():
+            where = mix[i, :, c] > 0.3 if c else None
+            if where is not None and where.any():
+                objects.append(features[i, where].mean(0))
+                object_shape.append((c - 1) % shapes)
+    report = {
+        "position": probe_accuracy(features.reshape(n * p, -1), torch.arange(p).repeat(n)),
+        "patch_colour": probe_accuracy(features[covered], cls[covered] // shapes),
+        "patch_shape": probe_accuracy(features[covered], cls[covered] % shapes),
+    }
+    if objects:
+        report["object_shape"] = probe_accuracy(torch.stack(objects), torch.tensor(object_shape))
+    return {k: round(v, 3) for k, v in report.items()}
+
+
+def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
+    """Last hidden states and label maps of ``images`` rendered validation images."""
+    examples = list(synthetic.generate("val", seed, max_scenes=images, labels=True))
+    pixels = np.stack([np.asarray(e.image.convert("RGB")) for e in examples])
+    pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        hidden = vision_model.eval()(pixel_values=pixels).last_hidden_state
+    return hidden, torch.from_numpy(np.stack([e.labels for e in examples]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m edje.probes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--stage1", help="a stage-1 SiglipModel state dict (weights only)")
+    what.add_argument("--source", help="a model source directory (its ViT is probed)")
+    parser.add_argument("--images", type=int, default=400, help="validation images (400)")
+    args = parser.parse_args(argv)
+    if args.stage1:
+        from edje.train import Recipe, first_stage_config, new_first_stage, world_tokenizer
+
+        recipe = Recipe()
+        tokenizer = world_tokenizer(recipe.text_len)
+        clip = new_first_stage(
+            first_stage_config(recipe, tokenizer.vocab_size, tokenizer.pad_token_id)
+        )
+        clip.load_state_dict(torch.load(args.stage1, weights_only=True))
+        vision, patch = clip.vision_model, recipe.patch_size
+    else:
+        from edje.model_source import ModelSource
+
+        indexing, _ = ModelSource.from_dir(args.source).build_indexing_model()
+        vision = indexing.vision_encoder
+        patch = vision.config.patch_size
+    features, labels = vit_features(vision, args.images)
+    print(json.dumps(feature_probes(features, labels, patch), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
