@@ -195,6 +195,7 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
         elif w in ("top", "bottom") and i > 0 and words[i - 1] == "the":
             flipped = "bottom" if w == "top" else "top"
             edits.append((" ".join(words[:i] + [flipped] + words[i + 1 :]), [i]))
+
     # Groups joined by "and" may come in any order: an edit that only reorders them (swapping
     # the colours of two groups of equal count and shape) still describes the scene.
     def groups(caption: str) -> list[str]:
