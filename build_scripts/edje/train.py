@@ -766,11 +766,9 @@ class EDJETrainer:
         logits = self.ranking.classification_head(hidden).squeeze(-1).view(4, b)
         labels = torch.zeros_like(logits)
         labels[0] = 1.0
+        keep = torch.ones_like(logits)
         if edit:  # an edit that found nothing to change leaves a positive: leave it out
-            keep = torch.ones_like(logits)
             keep[2] = torch.from_numpy(batch["edit_ok"]).float()
-        else:
-            keep = torch.ones_like(logits)
         zero = torch.zeros(b, dtype=torch.long, device=self.device)
         image_side, caption_side = ([0, 1], [0, 2, 3]) if edit else ([0, 1, 2], [0, 3])
         out = {
