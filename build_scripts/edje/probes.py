@@ -8,8 +8,8 @@ images, for:
 * ``patch_colour`` / ``patch_shape``: the object covering more than half of a patch;
 * ``object_shape``: an object's shape from the mean feature of the patches it covers (> 30%).
 
-Chance is 1/P, 1/6 and 1/3. Run on a stage-1 checkpoint that ``python -m edje.train default
---stage1-cache FILE`` wrote, or on a model source's ViT::
+Chance is 1/P, 1/6 and 1/3. Run on a stage-1 checkpoint of the default ``Recipe``'s sizes
+(``python -m edje.train default --stage1-cache FILE`` writes one), or on a model source's ViT::
 
     python -m edje.probes --stage1 build/stage1.pt
     python -m edje.probes --source build_scripts/edje/default_model
