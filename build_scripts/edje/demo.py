@@ -127,7 +127,7 @@ def run(work: Path, repo: Path, queries: int) -> int:
             )
             report = evaluate_with_client(client, dataset, RERANK_K, indexed=indexed)
             # Show some queries re-ranking fixed, then hard queries spread over the split.
-            fixed = [dataset.captions.index(ex["query"]) for ex in report["fixed_examples"]]
+            fixed = [ex["caption"] for ex in report["fixed_examples"]]
             shown = fixed[: queries // 2]
             shown += [q for q in pick_queries(dataset, queries) if q not in shown]
             print(

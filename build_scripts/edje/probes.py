@@ -77,9 +77,10 @@ def feature_probes(features: torch.Tensor, labels: torch.Tensor, patch: int) -> 
 
 def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
     """Last hidden states and label maps of ``images`` rendered validation images."""
+    from edje.train import to_uint8
+
     examples = list(synthetic.generate("val", seed, max_scenes=images, labels=True))
-    pixels = np.stack([np.asarray(e.image.convert("RGB")) for e in examples])
-    pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels = to_uint8([e.image for e in examples]).float() / 127.5 - 1.0  # as PairData
     with torch.no_grad():
         hidden = vision_model.eval()(pixel_values=pixels).last_hidden_state
     return hidden, torch.from_numpy(np.stack([e.labels for e in examples]))

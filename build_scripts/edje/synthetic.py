@@ -158,15 +158,15 @@ _EDIT_CATEGORIES: tuple[tuple[str, ...], ...] = (
     SIZES,
     ("two", "three", "four"),  # "one" stays: changing it would break the plural
 )
-CONTENT_WORDS = (
-    *COLOURS,
-    *SHAPES,
-    *(f"{s}s" for s in SHAPES),
-    *SIZES,
-    *NUMBERS.values(),
-    *("left", "right", "above", "below", "under", "top", "bottom"),
-)
 _FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above", "under": "above"}
+# Words that say something about the image (what MLM masks in training).
+CONTENT_WORDS = (
+    *(w for category in _EDIT_CATEGORIES for w in category),
+    "one",
+    *_FLIPS,
+    "top",
+    "bottom",
+)
 
 
 def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
@@ -330,11 +330,8 @@ def generate(
         scenes = rng.sample(scenes, max_scenes)
     for scene in scenes:
         for _ in range(images_per_scene):
-            label_map = None
-            if labels:
-                image, label_map = render(scene, rng, image_size, labels=True)
-            else:
-                image = render(scene, rng, image_size)
+            drawn = render(scene, rng, image_size, labels)
+            image, label_map = drawn if labels else (drawn, None)
             caps = [caption(scene, rng) for _ in range(captions_per_image)]
             yield Example(image, scene, caps, label_map)
 

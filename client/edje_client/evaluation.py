@@ -129,6 +129,7 @@ def evaluate_retrieval(
         name = (lambda i: image_names[i]) if image_names else int
         report["fixed_examples"] = [
             {
+                "caption": int(q),
                 "query": captions[q],
                 "first_stage_top1": name(int(t2i_order[q, 0])),
                 "reranked_top1": name(int(t2i_rerank[q, 0])),
