@@ -39,7 +39,7 @@ TINY = Recipe(
     stage1_steps=40,
     stage1_batch=64,
     stage1_lr=2e-3,
-    num_compressed_tokens=8,
+    num_compressed_tokens=4,
     adapter_mlp_dim=64,
     lm_width=64,
     lm_layers=1,
@@ -197,13 +197,26 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
     indexing, ranking, text_projection = build_edje(
         recipe, clip, language_config(recipe, tok.vocab_size)
     )
-    cfg = StageTwo(steps=steps, batch_size=16, lr=1e-3, warmup=5, hard_k=8, curriculum=0.5)
+    cfg = StageTwo(
+        steps=steps,
+        batch_size=16,
+        lr=1e-3,
+        warmup=5,
+        hard_k=8,
+        curriculum=0.5,
+        image_negatives=2,
+        ground_weight=1.0 if world_signals else 0.0,
+    )
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
     features = Features(indexing.vision_encoder, data, cache=True, device="cpu")
     extra = {}
     if world_signals:
-        extra = dict(caption_editor=synthetic.edit_caption, mlm_words=synthetic.CONTENT_WORDS)
+        extra = dict(
+            caption_editor=synthetic.edit_caption,
+            mlm_groups=synthetic.WORD_GROUPS,
+            phrase_classes=synthetic.phrase_classes,
+        )
     return EDJETrainer(
         indexing,
         ranking,
@@ -222,18 +235,57 @@ def test_image_tokens_reach_the_encoder(tiny_setup):
     trainer = _trainer(tiny_setup, steps=1, world_signals=False)
     ranking = trainer.ranking.eval()
     enc = trainer.tokenizer(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
-    tokens = torch.randn(2, 8, 64)
+    tokens = torch.randn(2, 4, 64)
     logits = ranking(tokens, enc["input_ids"], enc["attention_mask"])
     hidden = pair_hidden(ranking, enc["input_ids"], enc["attention_mask"], tokens)
     # The training path (pair_hidden) is the inference path (score_pairs).
     torch.testing.assert_close(ranking.classification_head(hidden).squeeze(-1), logits)
     assert not torch.allclose(
-        logits, ranking(torch.randn(2, 8, 64), enc["input_ids"], enc["attention_mask"])
+        logits, ranking(torch.randn(2, 4, 64), enc["input_ids"], enc["attention_mask"])
     )
     # Gradients reach the adapter through the image positions.
     loss = trainer.losses(trainer.sample())
     sum(loss[k] for k in ("itm", "rank")).backward()
     assert trainer.indexing.vision_projection.query.grad.abs().sum() > 0
+
+
+def test_joint_encoder_probe_reports_own_and_other_image(tiny_source):
+    from edje.probes import joint_encoder_probes
+
+    report = joint_encoder_probes(tiny_source, images=12)
+    assert report, "no word group of the world was probed"
+    assert set(report) <= {"colour", "shape", "size", "number", "relation"}
+    for row in report.values():
+        assert row["captions"] > 0
+        assert 0.0 <= row["own_image"] <= 1.0 and 0.0 <= row["other_image"] <= 1.0
+
+
+def test_mlm_masks_one_whole_word_group_per_caption(tiny_setup):
+    trainer = _trainer(tiny_setup, steps=1)
+    tok = trainer.tokenizer
+    captions = [
+        "a small red circle left of a large blue square",
+        "two red circles and one blue square",
+        "a picture of a large green triangle",
+    ] * 20
+    enc = tok(captions, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    masked, labels = trainer._mask(ids, enc["attention_mask"])
+    word_group = {w: g for g, words in enumerate(synthetic.WORD_GROUPS) for w in words}
+    seen = set()
+    for row in range(len(captions)):
+        hit = labels[row] >= 0
+        words = tok.convert_ids_to_tokens(ids[row][hit])
+        groups = {word_group[w] for w in words}
+        assert len(groups) == 1, words  # one group ...
+        (g,) = groups
+        every = [w for w in tok.convert_ids_to_tokens(ids[row]) if word_group.get(w) == g]
+        assert sorted(words) == sorted(every)  # ... and all of its words
+        assert (masked[row][hit] == tok.mask_token_id).all()
+        assert (masked[row][~hit] == ids[row][~hit]).all()
+        seen.add((row % 3, g))
+    # Over many draws every group a caption uses gets its turn (4 + 3 + 3 groups).
+    assert len(seen) == 10
 
 
 def test_edje_losses_fall(tiny_setup):
@@ -246,7 +298,8 @@ def test_edje_losses_fall(tiny_setup):
     assert (labels.sum(1) == torch.tensor([len(w) for w in batch["edit_words"]])).all()
     history = trainer.fit()
     first, last = history[:5], history[-5:]
-    for key, factor in (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95), ("rtd", 0.9)):
+    keys = (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95), ("rtd", 0.9), ("ground", 0.9))
+    for key, factor in keys:
         before, after = np.mean([h[key] for h in first]), np.mean([h[key] for h in last])
         assert after < factor * before, (key, before, after)
     assert all(np.isfinite(h["loss"]) for h in history)
@@ -265,3 +318,37 @@ def test_shipped_default_reranking_gain():
     report = evaluate(source, "test", seed=0, max_queries=150, show=0)
     assert report["first_stage_R@10"] >= 90.0
     assert report["reranked_R@1"] >= report["first_stage_R@1"] + 10.0, report
+
+
+def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
+    import json
+
+    from edje.train import write_training_record
+
+    monkeypatch.setattr("sys.argv", ["edje.train", "default", "--seed", "7"])
+    report = {
+        "queries": 358,
+        "gallery": 358,
+        "first_stage_R@1": 61.7,
+        "reranked_R@1": 77.1,
+        "gain_R@1": 15.4,
+        "hard_queries": 355,
+        "hard_first_stage_R@1": 61.4,
+        "hard_reranked_R@1": 77.0,
+        "first_stage_R@10": 100.0,
+        "by_kind": {"relation": {"n": 100, "first_stage_R@1": 49.0, "reranked_R@1": 80.0}},
+        "train_seconds": 4200,
+        "stage1_seconds": 330,
+        "stage2_steps": 3873,
+        "validation_curve": [
+            {"step": 400, "minutes": 6.5, "first_stage_R@1": 57.7, "reranked_R@1": 20.2}
+        ],
+    }
+    write_training_record(tmp_path, Recipe(seed=7), report)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["command"] == "python -m edje.train default --seed 7"
+    assert record["recipe"]["seed"] == 7 and record["report"]["reranked_R@1"] == 77.1
+    text = (tmp_path / "TRAINING.md").read_text()
+    assert "`python -m edje.train default --seed 7` (seed 7)" in text
+    assert "**77.1** (gain 15.4)" in text and "| relation | 100 | 49.0 | 80.0 |" in text
+    assert "| 400 | 6.5 | 57.7 | 20.2 |" in text

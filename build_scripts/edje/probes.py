@@ -13,6 +13,12 @@ Chance is 1/P, 1/6 and 1/3. Run on a stage-1 checkpoint of the default ``Recipe`
 
     python -m edje.probes --stage1 build/stage1.pt
     python -m edje.probes --source build_scripts/edje/default_model
+
+With ``--source``, a second probe asks whether the *joint encoder* uses the image: every word
+of one kind (all colours, all shapes, ...) of a validation caption is masked and predicted
+through the MLM head, once with the caption's own image and once with another scene's. With
+no masked word left to eliminate from, only the image can tell "a small [MASK] circle left of
+a large [MASK] square"; an encoder that ignores its image scores the same on both.
 """
 
 from __future__ import annotations
@@ -86,6 +92,45 @@ def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
     return hidden, torch.from_numpy(np.stack([e.labels for e in examples]))
 
 
+@torch.no_grad()
+def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, dict]:
+    """Masked-word accuracy per word group, own image vs another scene's (see module doc)."""
+    from edje.train import pair_hidden
+
+    indexing, _ = source.build_indexing_model()
+    ranking, _ = source.build_ranking_model()
+    tokenizer, processor = source.tokenizer(), source.image_processor()
+    examples = [
+        e for e in synthetic.generate("val", seed, images_per_scene=1) if e.kind != "plain"
+    ][:images]
+    pixels = processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
+    tokens = indexing.eval().encode(pixels).compressed_tokens.float()
+    others = torch.roll(tokens, 1, dims=0)  # another scene's image for every caption
+    enc = tokenizer([e.captions[0] for e in examples], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    group_of = torch.full((len(tokenizer),), -1)
+    for g, words in enumerate(synthetic.WORD_GROUPS):
+        known = [
+            i for i in tokenizer.convert_tokens_to_ids(list(words)) if i != tokenizer.unk_token_id
+        ]
+        group_of[known] = g
+    names = ("colour", "shape", "size", "number", "relation")
+    report = {}
+    for g, name in enumerate(names):
+        hit = group_of[ids] == g
+        rows = hit.any(1)
+        if not rows.any():
+            continue
+        masked = torch.where(hit, torch.full_like(ids, tokenizer.mask_token_id), ids)[rows]
+        report[name] = {"captions": int(rows.sum())}
+        for label, image in (("own_image", tokens), ("other_image", others)):
+            hidden = pair_hidden(ranking.eval(), masked, mask[rows], image[rows])
+            pred = ranking.language_model.cls(hidden[:, : ids.shape[1]]).argmax(-1)
+            right = (pred == ids[rows])[hit[rows]]
+            report[name][label] = round(float(right.float().mean()), 3)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edje.probes",
@@ -114,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         vision = indexing.vision_encoder
         patch = vision.config.patch_size
     features, labels = vit_features(vision, args.images)
-    print(json.dumps(feature_probes(features, labels, patch), indent=2))
+    report = {"vit": feature_probes(features, labels, patch)}
+    if args.source:
+        report["joint_encoder"] = joint_encoder_probes(ModelSource.from_dir(args.source))
+    print(json.dumps(report, indent=2))
     return 0
 
 

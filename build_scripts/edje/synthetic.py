@@ -159,14 +159,17 @@ _EDIT_CATEGORIES: tuple[tuple[str, ...], ...] = (
     ("two", "three", "four"),  # "one" stays: changing it would break the plural
 )
 _FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above", "under": "above"}
-# Words that say something about the image (what MLM masks in training).
-CONTENT_WORDS = (
-    *(w for category in _EDIT_CATEGORIES for w in category),
-    "one",
-    *_FLIPS,
-    "top",
-    "bottom",
+# Words that say something about the image, by kind. Training masks a whole kind at once (all
+# colours of a caption, say): with one colour left visible, the other follows by elimination,
+# with none left, naming them means binding each colour to its shape and place in the image.
+WORD_GROUPS: tuple[tuple[str, ...], ...] = (
+    tuple(COLOURS),
+    (*SHAPES, *(f"{s}s" for s in SHAPES)),
+    SIZES,
+    tuple(NUMBERS.values()),
+    (*_FLIPS, "top", "bottom"),
 )
+CONTENT_WORDS = tuple(w for group in WORD_GROUPS for w in group)
 
 
 def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
@@ -213,6 +216,20 @@ NUM_OBJECT_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # background + every (colou
 def object_class(obj: Obj) -> int:
     """Label-map value of an object: 1 + colour * len(SHAPES) + shape (0 is background)."""
     return 1 + list(COLOURS).index(obj[0]) * len(SHAPES) + SHAPES.index(obj[1])
+
+
+def phrase_classes(text: str) -> list[int]:
+    """Per word of a caption, the object class (:func:`object_class`) its noun phrase names,
+    or 0: the colour and the shape of "a small red circle" (or "two red circles") both name
+    (red, circle). Training teaches such words to look at the image cells of that object."""
+    words = text.split()
+    plural = {f"{s}s": s for s in SHAPES}
+    out = [0] * len(words)
+    for i in range(len(words) - 1):
+        colour, shape = words[i], plural.get(words[i + 1], words[i + 1])
+        if colour in COLOURS and shape in SHAPES:
+            out[i] = out[i + 1] = object_class((colour, shape, ""))
+    return out
 
 
 def _draw(draw, obj: Obj, cx: float, cy: float, r: float, rng, label_draw=None) -> None:

@@ -21,15 +21,19 @@ Two stages (DESIGN.md §2, §6):
      edited caption the image contradicts;
    * ITC: the joint encoder's text-only ``[CLS]`` through ``text_projection`` regressed (cosine)
      onto the first stage's text embedding;
-   * MLM on the captions through ``language_model.cls``, conditioned on the image (pair layout),
-     masking content words only on the synthetic world;
+   * MLM on the captions through ``language_model.cls``, conditioned on the image (pair layout);
+     on the synthetic world each caption masks *every* word of one kind (all its colours, say),
+     so that only the image can answer;
+   * grounding (synthetic world): the first heads of the first layers are taught, from the
+     renderer's label maps, to look from each word of a noun phrase ("red", "circle") at the
+     image cells that hold that object. Without it the encoder hardly used its image tokens;
    * optional distillation of the first stage's scores over each candidate list.
 
 Commands (``python -m edje.train --help``)::
 
-    # the embedded default (CPU, 2 cores: stage 1 ~5 min, stage 2 45 min on wall time, about
-    # 55 min in all; --stage2-minutes 0 --stage2-steps N schedules on steps and is
-    # deterministic). See default_model/TRAINING.md.
+    # the embedded default (CPU, 2 cores: stage 1 ~5 min, stage 2 60 min on wall time, about
+    # 70 min in all; --stage2-minutes 0 --stage2-steps N schedules on steps and is
+    # deterministic). Writes TRAINING.md and training.json beside the weights.
     python -m edje.train default --out build_scripts/edje/default_model
     # quality on the held-out synthetic test split
     python -m edje.train evaluate --source build_scripts/edje/default_model
@@ -118,6 +122,7 @@ class Recipe:
     lm_layers: int = 4
     lm_heads: int = 6
     lm_intermediate: int = 768
+    lm_dropout: float = 0.0
     stage2: StageTwo = field(default_factory=lambda: StageTwo())
 
 
@@ -138,7 +143,7 @@ class StageTwo:
     itm_weight: float = 1.0
     rank_weight: float = 1.0
     itc_weight: float = 0.5
-    mlm_weight: float = 0.5
+    mlm_weight: float = 1.0
     mlm_with_image: bool = True
     mlm_probability: float = 0.25
     distill_weight: float = 0.0
@@ -147,10 +152,16 @@ class StageTwo:
     edit_negatives: bool = True
     rtd_weight: float = 1.0
     distill_temperature: float = 0.1
+    distill_until: float = 1.0  # the distillation weight falls linearly to 0 by this progress
+    image_negatives: int = 1  # wrong images per positive caption (mined or random)
+    image_token_scale: float = 2.0  # > 0: start image tokens this many times the word std
+    ground_weight: float = 1.0  # grounding loss on attention (synthetic world; 0: off)
+    ground_heads: int = 2  # ... on the first this many heads ...
+    ground_layers: int = 2  # ... of the first this many layers
     log_every: int = 20
     eval_every: int = 400
     eval_queries: int = 0  # 0: the whole validation split
-    grad_clip: float = 1.0
+    grad_clip: float = 5.0
     time_budget: float = 0.0  # seconds; if set, the schedule runs on wall time (steps = max)
     warm_start_adapter: float = 0.5  # query noise when starting from the pooling head (0: off)
     adapter_init: str = "spatial"  # "spatial" (a grid of windows), "head" (pooling head), "random"
@@ -322,6 +333,8 @@ def language_config(recipe: Recipe, vocab_size: int) -> BertConfig:
         intermediate_size=recipe.lm_intermediate,
         max_position_embeddings=64 + recipe.num_compressed_tokens,
         hidden_act="gelu",
+        hidden_dropout_prob=recipe.lm_dropout,
+        attention_probs_dropout_prob=recipe.lm_dropout,
     )
 
 
@@ -580,13 +593,36 @@ def init_adapter_spatial(
     return accuracy
 
 
+@torch.no_grad()
+def match_token_scale(
+    adapter: TokenCompressionAdapter,
+    ranking: EDJEModelForRanking,
+    features: torch.Tensor,
+    ratio: float,
+) -> float:
+    """Rescale the adapter's output projection so image tokens start ``ratio`` times as large
+    (std) as the joint encoder's word embeddings.
+
+    A fresh projection emits tokens about 30x larger than BERT's N(0, 0.02) embeddings, so in
+    the embedding layer norm the image positions' position and token-type embeddings vanish.
+    Returns the factor applied."""
+    words = ranking.language_model.bert.embeddings.word_embeddings.weight
+    factor = ratio * float(words.std()) / float(adapter(features).std())
+    adapter.projection.weight.mul_(factor)
+    adapter.projection.bias.mul_(factor)
+    log.info(f"adapter: image tokens scaled by {factor:.3f} to {ratio}x the word embeddings")
+    return factor
+
+
 def pair_hidden(
     ranking: EDJEModelForRanking,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     tokens: torch.Tensor,
-) -> torch.Tensor:
-    """Last hidden states of pair layouts (same embedding path as ``score_pairs``)."""
+    output_attentions: bool = False,
+):
+    """Last hidden states of pair layouts (same embedding path as ``score_pairs``); with
+    ``output_attentions`` (eager attention only), ``(hidden, per-layer attentions)``."""
     ids, mask, types = build_pair_layout(
         input_ids, attention_mask, tokens.shape[1], ranking.image_token_id, 0
     )
@@ -595,9 +631,13 @@ def pair_hidden(
     slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, tokens.shape[1] - 1)
     image_embeds = torch.gather(tokens, 1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     embeds = torch.where(is_image.unsqueeze(-1), image_embeds, words(ids))
-    return ranking.language_model.bert(
-        inputs_embeds=embeds, attention_mask=mask, token_type_ids=types
-    ).last_hidden_state
+    out = ranking.language_model.bert(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        token_type_ids=types,
+        output_attentions=output_attentions,
+    )
+    return (out.last_hidden_state, out.attentions) if output_attentions else out.last_hidden_state
 
 
 class EDJETrainer:
@@ -617,7 +657,8 @@ class EDJETrainer:
         seed: int = 0,
         device: str | torch.device = "cpu",
         caption_editor: Callable[[str, random.Random], tuple[str, list[int]] | None] | None = None,
-        mlm_words: Sequence[str] | None = None,
+        mlm_groups: Sequence[Sequence[str]] | None = None,
+        phrase_classes: Callable[[str], list[int]] | None = None,
     ) -> None:
         self.indexing, self.ranking, self.text_projection = indexing, ranking, text_projection
         self.editor = caption_editor if cfg.edit_negatives else None
@@ -630,13 +671,23 @@ class EDJETrainer:
         self.masker = DataCollatorForLanguageModeling(
             tokenizer, mlm_probability=cfg.mlm_probability, seed=seed
         )
-        # MLM masks only these words when given (content words: each masked word is then a
-        # question about the image), otherwise any word.
-        self.mlm_ids = (
-            torch.tensor(tokenizer.convert_tokens_to_ids(list(mlm_words)))
-            if mlm_words is not None
-            else None
-        )
+        # MLM: given word groups (edje.synthetic.WORD_GROUPS), each caption masks every word of
+        # one group it uses, so the image must answer (which colour is the circle?); otherwise
+        # the collator's random 15%-style masking of any word.
+        self.word_group = None
+        if mlm_groups is not None:
+            self.word_group = torch.full((len(tokenizer),), -1, dtype=torch.long)
+            for g, words in enumerate(mlm_groups):
+                self.word_group[tokenizer.convert_tokens_to_ids(list(words))] = g
+            self.num_groups = len(mlm_groups)
+        # Grounding (synthetic world): the first heads of the first layers learn to look from
+        # a noun phrase's words at the image cells that hold its object (label maps).
+        self.phrase_classes = phrase_classes if cfg.ground_weight > 0 else None
+        if self.phrase_classes is not None:
+            q = indexing.vision_projection.query.shape[1]
+            if data.labels is None or math.isqrt(q) ** 2 != q:
+                raise ValueError("grounding needs label maps and a square grid of Q tokens")
+            ranking.language_model.set_attn_implementation("eager")
         self.params = [
             *indexing.vision_projection.parameters(),
             *ranking.parameters(),
@@ -664,6 +715,11 @@ class EDJETrainer:
         share = 1.0 if ramp <= 0 else min(1.0, self.progress() / ramp)
         return share * self.cfg.max_hard_share
 
+    def distill_weight(self) -> float:
+        """Distillation weight now: ``distill_weight`` falling to 0 at ``distill_until``."""
+        cfg = self.cfg
+        return cfg.distill_weight * max(0.0, 1.0 - self.progress() / max(1e-9, cfg.distill_until))
+
     def hard_k(self) -> int:
         """How deep in the first stage's ranking hard negatives are drawn (shrinks in training)."""
         cfg = self.cfg
@@ -684,29 +740,37 @@ class EDJETrainer:
                 return c
 
     def sample(self) -> dict[str, np.ndarray]:
-        """Per positive (caption c, image i): a hard-or-random wrong image for c, a random wrong
-        image for c, and a hard-or-random wrong caption for i."""
-        b, p, k = self.cfg.batch_size, self.hard_share(), self.hard_k()
+        """Per positive (caption c, image i): ``image_negatives`` wrong images for c, each mined
+        (from the first stage's top-k, without repeats) or random; a hard-or-random wrong
+        caption for i; and, without a caption editor, one more random wrong image for c."""
+        cfg = self.cfg
+        b, p, k, n = cfg.batch_size, self.hard_share(), self.hard_k(), cfg.image_negatives
         cap = self.rng.integers(len(self.data.captions), size=b)
         groups = self.data.caption_group[cap]
         img = np.array([self.rng.choice(self.data.images_of[int(g)]) for g in groups])
         neg_img, rand_img, neg_cap = [], [], []
         for c, i, g in zip(cap, img, groups, strict=True):
-            hard = self.rng.random(2) < p
+            mined = iter(self.rng.permutation(k) if k >= n else self.rng.integers(k, size=n))
             neg_img.append(
-                int(self.hard_images[c, self.rng.integers(k)]) if hard[0] else self._random_image(g)
+                [
+                    int(self.hard_images[c, next(mined)])
+                    if self.rng.random() < p
+                    else self._random_image(g)
+                    for _ in range(n)
+                ]
             )
-            rand_img.append(self._random_image(g))
+            if self.editor is None:
+                rand_img.append(self._random_image(g))
             neg_cap.append(
                 int(self.hard_captions[i, self.rng.integers(k)])
-                if hard[1]
+                if self.rng.random() < p
                 else self._random_caption(g)
             )
         batch = dict(
             cap=cap,
             img=img,
-            neg_img=np.array(neg_img),
-            rand_img=np.array(rand_img),
+            neg_img=np.array(neg_img).reshape(b, n),
+            rand_img=np.array(rand_img, dtype=np.int64),
             neg_cap=np.array(neg_cap),
         )
         if self.editor is not None:
@@ -717,6 +781,57 @@ class EDJETrainer:
             ]
             batch["edit_words"] = [e[1] if e else [] for e in edits]
         return batch
+
+    def _mask(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM inputs and labels (-100: not masked) for text-only tokenizations."""
+        if self.word_group is None:
+            tok = self.tokenizer
+            special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (mask == 0)
+            return self.masker.torch_mask_tokens(ids.clone(), special)
+        group = self.word_group[ids]  # [B, L], -1 for words outside every group
+        present = F.one_hot(group + 1, self.num_groups + 1)[..., 1:].amax(1).float()  # [B, G]
+        chosen = torch.full((len(ids),), -2)
+        rows = present.sum(1) > 0
+        picks = torch.from_numpy(self.rng.random(int(rows.sum()))).float()
+        # Uniform among the groups each caption uses: the first group whose cumulative share
+        # exceeds a uniform draw.
+        share = present[rows].cumsum(1) / present[rows].sum(1, keepdim=True)
+        chosen[rows] = (share < picks[:, None]).sum(1)
+        hit = group == chosen[:, None]
+        labels = torch.where(hit, ids, torch.full_like(ids, -100))
+        return torch.where(hit, torch.full_like(ids, self.tokenizer.mask_token_id), ids), labels
+
+    def _grounding(self, batch: dict, mask: torch.Tensor, attentions) -> torch.Tensor:
+        """Cross-entropy of the grounding heads' attention (positive pairs, rows ``:B``) from
+        each phrase word to the image cells, against the share of the phrase's object in each
+        cell."""
+        b, cfg = len(batch["cap"]), self.cfg
+        q = self.indexing.vision_projection.query.shape[1]
+        cell = self.data.labels.shape[-1] // math.isqrt(q)
+        mix = patch_object_mix(self.data.labels[torch.as_tensor(batch["img"])], cell)  # [B,Q,C]
+        enc = self._encode([self.data.captions[c] for c in batch["cap"]])
+        length = mask.shape[1]
+        classes = torch.zeros(b, length, dtype=torch.long)
+        for row, c in enumerate(batch["cap"]):
+            per_word = self.phrase_classes(self.data.captions[c])
+            for t, w in enumerate(enc.word_ids(row)[:length]):
+                if w is not None:
+                    classes[row, t] = per_word[w]
+        target = torch.gather(mix, 2, classes[:, None, :].expand(-1, q, -1)).transpose(1, 2)
+        total = target.sum(-1, keepdim=True)  # [B, L, 1]
+        valid = (classes > 0) & (total.squeeze(-1) > 0)
+        if not valid.any():
+            return mask.new_zeros((), dtype=torch.float)
+        target = (target / total.clamp_min(1e-9)).to(self.device)
+        lengths = mask.long().sum(1)  # text length of each pair row; its image follows
+        cols = (lengths[:, None] + torch.arange(q, device=self.device))[:, None, :]  # [B,1,Q]
+        loss = []
+        for layer in attentions[: cfg.ground_layers]:
+            att = layer[:b, : cfg.ground_heads, :length]  # [B, H, L, T]
+            att = torch.gather(att, 3, cols[:, None].expand(-1, att.shape[1], length, -1))
+            ce = -(target[:, None] * torch.log(att + 1e-9)).sum(-1)  # [B, H, L]
+            loss.append(ce.permute(0, 2, 1)[valid.to(self.device)].mean())
+        return torch.stack(loss).mean()
 
     def _tokenize(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self._encode([self.data.captions[i] for i in idx])
@@ -739,19 +854,19 @@ class EDJETrainer:
         return ids, mask, labels
 
     def losses(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        b = len(batch["cap"])
+        b, n = batch["neg_img"].shape
         edit = self.editor is not None
         images = np.concatenate(
-            [batch["img"], batch["neg_img"]] + ([] if edit else [batch["rand_img"]])
+            [batch["img"], batch["neg_img"].T.reshape(-1)] + ([] if edit else [batch["rand_img"]])
         )
-        tokens = self.indexing.vision_projection(self.features(images))  # [2B or 3B, Q, D]
-        pos_tok, neg_tok, *rest = tokens.split(b)
+        tokens = self.indexing.vision_projection(self.features(images))  # [(n + 1 or 2) B, Q, D]
+        pos_tok, *neg_tok = tokens.split(b)
         ids, mask = self._tokenize(batch["cap"])
         if edit:
             third_ids, third_mask, edit_labels = self._edited(batch)
             third_tok = pos_tok  # (edited caption, its image)
         else:
-            third_ids, third_mask, third_tok = ids, mask, rest[0]  # (caption, random image)
+            third_ids, third_mask, third_tok = ids, mask, neg_tok.pop()  # (caption, random image)
         neg_ids, neg_mask = self._tokenize(batch["neg_cap"])
         length = max(ids.shape[1], neg_ids.shape[1], third_ids.shape[1])
         if edit:
@@ -759,22 +874,27 @@ class EDJETrainer:
         ids, mask, third_ids, third_mask = (
             _pad_to(t, length) for t in (ids, mask, third_ids, third_mask)
         )
-        # Pairs: (c, i) (c, neg_img) (c, rand_img) or (edited c, i), (neg_cap, i)
-        all_ids = torch.cat([ids, ids, third_ids, _pad_to(neg_ids, length)])
-        all_mask = torch.cat([mask, mask, third_mask, _pad_to(neg_mask, length)])
-        all_tok = torch.cat([pos_tok, neg_tok, third_tok, pos_tok])
-        hidden = pair_hidden(self.ranking, all_ids, all_mask, all_tok)
-        logits = self.ranking.classification_head(hidden).squeeze(-1).view(4, b)
+        # Rows: (c, i), (c, neg_img_j) for j < n, (edited c, i) or (c, rand_img), (neg_cap, i)
+        rows = n + 3
+        all_ids = torch.cat([ids] * (n + 1) + [third_ids, _pad_to(neg_ids, length)])
+        all_mask = torch.cat([mask] * (n + 1) + [third_mask, _pad_to(neg_mask, length)])
+        all_tok = torch.cat([pos_tok, *neg_tok, third_tok, pos_tok])
+        ground = self.phrase_classes is not None
+        hidden = pair_hidden(self.ranking, all_ids, all_mask, all_tok, output_attentions=ground)
+        if ground:
+            hidden, attentions = hidden
+        logits = self.ranking.classification_head(hidden).squeeze(-1).view(rows, b)
         labels = torch.zeros_like(logits)
         labels[0] = 1.0
         keep = torch.ones_like(logits)
         if edit:  # an edit that found nothing to change leaves a positive: leave it out
-            keep[2] = torch.from_numpy(batch["edit_ok"]).float()
+            keep[n + 1] = torch.from_numpy(batch["edit_ok"]).float()
         zero = torch.zeros(b, dtype=torch.long, device=self.device)
-        image_side, caption_side = ([0, 1], [0, 2, 3]) if edit else ([0, 1, 2], [0, 3])
+        image_side = list(range(n + 1)) + ([] if edit else [n + 1])
+        caption_side = [0, n + 1, n + 2] if edit else [0, n + 2]
         out = {
             "itm": F.binary_cross_entropy_with_logits(
-                logits, labels, weight=keep, pos_weight=torch.tensor(3.0, device=self.device)
+                logits, labels, weight=keep, pos_weight=torch.tensor(rows - 1.0, device=self.device)
             ),
             # Listwise: the caption's own image among its image candidates, and the image's
             # own caption among its caption candidates.
@@ -785,10 +905,10 @@ class EDJETrainer:
             # Which words does the image contradict? Rows: the positive (none) and the edit.
             text_len = ids.shape[1]
             word_logits = self.rtd_head(
-                hidden.view(4, b, -1, hidden.shape[-1])[[0, 2], :, :text_len]
+                hidden.view(rows, b, -1, hidden.shape[-1])[[0, n + 1], :, :text_len]
             )
             word_mask = torch.stack([mask, third_mask]).float()
-            word_mask[1] *= keep[2][:, None]
+            word_mask[1] *= keep[n + 1][:, None]
             word_labels = torch.stack([torch.zeros_like(edit_labels), edit_labels]).to(self.device)
             out["rtd"] = (
                 F.binary_cross_entropy_with_logits(
@@ -796,7 +916,10 @@ class EDJETrainer:
                 )
                 * word_mask
             ).sum() / word_mask.sum()
-        out["acc"] = (logits[0] > logits[1:].max(0).values).float().mean().detach()
+        if ground:
+            out["ground"] = self._grounding(batch, mask, attentions)
+        others = (logits + (keep - 1) * 1e4)[1:].max(0).values
+        out["acc"] = (logits[0] > others).float().mean().detach()
         # ITC: text-only [CLS] -> text_projection ~ first-stage text embedding.
         cls = self.ranking.language_model.bert(
             input_ids=ids, attention_mask=mask
@@ -804,14 +927,7 @@ class EDJETrainer:
         target = self.caption_emb[torch.as_tensor(batch["cap"])].to(self.device)
         out["itc"] = (1 - F.cosine_similarity(self.text_projection(cls), target)).mean()
         # MLM on the captions (conditioned on the matching image unless disabled).
-        special = (
-            (ids == self.tokenizer.cls_token_id)
-            | (ids == self.tokenizer.sep_token_id)
-            | (mask == 0)
-        )
-        if self.mlm_ids is not None:
-            special |= ~torch.isin(ids.cpu(), self.mlm_ids).to(special.device)
-        masked, mlm_labels = self.masker.torch_mask_tokens(ids.cpu().clone(), special.cpu())
+        masked, mlm_labels = self._mask(ids.cpu(), mask.cpu())
         masked, mlm_labels = masked.to(self.device), mlm_labels.to(self.device)
         if (mlm_labels >= 0).any():
             if self.cfg.mlm_with_image:
@@ -827,9 +943,11 @@ class EDJETrainer:
         else:
             out["mlm"] = logits.new_zeros(())
         if self.cfg.distill_weight > 0:
-            cand = np.stack(
-                [batch[k] for k in ("img", "neg_img", "rand_img")[: len(image_side)]], 1
-            )
+            # The first stage's softmax over the same image candidates: its ranking of the
+            # twins is a dense target while the joint encoder learns what it already knows.
+            cand = np.concatenate([batch["img"][:, None], batch["neg_img"]], axis=1)
+            if not edit:
+                cand = np.concatenate([cand, batch["rand_img"][:, None]], axis=1)
             teacher = (
                 target[:, None, :] * self.image_emb[torch.as_tensor(cand)].to(self.device)
             ).sum(-1)
@@ -852,8 +970,9 @@ class EDJETrainer:
             + cfg.rank_weight * out["rank"]
             + cfg.itc_weight * out["itc"]
             + cfg.mlm_weight * out["mlm"]
-            + cfg.distill_weight * out.get("distill", 0.0)
+            + self.distill_weight() * out.get("distill", 0.0)
             + cfg.rtd_weight * out.get("rtd", 0.0)
+            + cfg.ground_weight * out.get("ground", 0.0)
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -874,7 +993,8 @@ class EDJETrainer:
             s = self.step
             last = self.progress() >= 1.0
             if s % self.cfg.log_every == 0 or last:
-                pairs = s * self.cfg.batch_size * (5 if self.cfg.mlm_with_image else 4)
+                per_positive = self.cfg.image_negatives + 3 + int(self.cfg.mlm_with_image)
+                pairs = s * self.cfg.batch_size * per_positive
                 means = " ".join(f"{k} {np.mean(v):.3f}" for k, v in running.items())
                 log.info(
                     f"stage2 step {s}/{self.cfg.steps} {means} "
@@ -1159,6 +1279,13 @@ def train_default(
         )
     elif recipe.stage2.adapter_init == "head":
         init_adapter_from_head(indexing.vision_projection, clip, recipe.stage2.warm_start_adapter)
+    if recipe.stage2.image_token_scale > 0:
+        match_token_scale(
+            indexing.vision_projection,
+            ranking,
+            features(range(min(512, len(train.image_group)))),
+            recipe.stage2.image_token_scale,
+        )
     image_emb, _ = embed_images(clip, train)
     caption_emb = embed_texts(clip.text_model, text_tokenizer, train.captions, recipe.text_len)
     trainer = EDJETrainer(
@@ -1173,11 +1300,14 @@ def train_default(
         recipe.stage2,
         seed=recipe.seed,
         caption_editor=synthetic.edit_caption,
-        mlm_words=synthetic.CONTENT_WORDS,
+        mlm_groups=synthetic.WORD_GROUPS,
+        phrase_classes=synthetic.phrase_classes,
     )
     val_features = Features(indexing.vision_encoder, val, cache=True, device="cpu")
     val_img, _ = embed_images(clip, val)
     val_txt = embed_texts(clip.text_model, text_tokenizer, val.captions, recipe.text_len)
+
+    curve: list[dict] = []
 
     def validate() -> dict:
         indexing.eval()
@@ -1192,7 +1322,10 @@ def train_default(
             ranker_scorer(indexing, ranking, tokenizer, val_features),
             max_queries=recipe.stage2.eval_queries or None,
         )
-        return {k: rep[k] for k in ("first_stage_R@1", "first_stage_R@10", "reranked_R@1")}
+        keys = ("first_stage_R@1", "first_stage_R@10", "reranked_R@1", "hard_reranked_R@1")
+        curve.append({"step": trainer.step, "minutes": round((time.time() - t_start) / 60, 1)})
+        curve[-1] |= {k: rep[k] for k in keys}
+        return {k: rep[k] for k in keys}
 
     trainer.fit(validate)
     t_train = time.time() - t_start
@@ -1223,7 +1356,54 @@ def train_default(
     report["train_seconds"] = round(t_train)
     report["stage1_seconds"] = round(t_stage1)
     report["stage1_val"] = stage1
+    report["stage2_steps"] = trainer.step
+    report["validation_curve"] = curve
+    if out is not None:
+        write_training_record(Path(out), recipe, report)
     return report, source
+
+
+def write_training_record(out: Path, recipe: Recipe, report: dict) -> None:
+    """``training.json`` (recipe, command, report) and a readable ``TRAINING.md`` beside the
+    weights, so a shipped default always says exactly what made it."""
+    command = "python -m edje.train " + " ".join(sys.argv[1:])
+    record = {"command": command, "recipe": asdict(recipe), "report": report}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    kinds = "\n".join(
+        f"| {k} | {v['n']} | {v['first_stage_R@1']} | {v['reranked_R@1']} |"
+        for k, v in report.get("by_kind", {}).items()
+    )
+    curve = "\n".join(
+        f"| {c['step']} | {c['minutes']} | {c['first_stage_R@1']} | {c['reranked_R@1']} |"
+        for c in report["validation_curve"]
+    )
+    (out / "TRAINING.md").write_text(
+        f"""# How this model was made
+
+Made by `{command}` (seed {recipe.seed}) on {time.strftime("%Y-%m-%d")}, in
+{report["train_seconds"] / 60:.0f} minutes on this machine ({torch.get_num_threads()} threads):
+stage 1 {report["stage1_seconds"]}s, then {report["stage2_steps"]} stage-2 steps. The full
+recipe and report are in `training.json`; docs/training.md explains the recipe.
+
+## Held-out test split (`python -m edje.train evaluate --source DIR`)
+
+Text->image R@1 over {report.get("queries")} queries against a gallery of {report.get("gallery")}
+images: first stage {report.get("first_stage_R@1")}, after EDJE re-ranks the top 10
+**{report.get("reranked_R@1")}** (gain {report.get("gain_R@1")}); hard subset
+({report.get("hard_queries")} queries) {report.get("hard_first_stage_R@1")} ->
+**{report.get("hard_reranked_R@1")}**. First-stage R@10: {report.get("first_stage_R@10")}.
+
+| kind | queries | first stage R@1 | re-ranked R@1 |
+| --- | --- | --- | --- |
+{kinds}
+
+## Validation during training
+
+| step | minutes | first stage R@1 | re-ranked R@1 |
+| --- | --- | --- | --- |
+{curve}
+"""
+    )
 
 
 def finetune(args: argparse.Namespace) -> dict:
@@ -1312,7 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument(
         "--stage2-minutes",
         type=float,
-        default=45,
+        default=60,
         help="wall-time budget: the schedule runs on time (0: on steps, deterministic)",
     )
     d.add_argument("--images-per-scene", type=int, default=Recipe.images_per_scene)
