@@ -206,6 +206,7 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
         curriculum=0.5,
         image_negatives=2,
         ground_weight=1.0 if world_signals else 0.0,
+        ground_relations=world_signals,
     )
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)

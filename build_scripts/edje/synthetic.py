@@ -232,6 +232,19 @@ def phrase_classes(text: str) -> list[int]:
     return out
 
 
+# Relation words and the object each one points at: "left" in "a red circle left of a blue
+# square" names the object further left (axis 1: x, -1: the smaller coordinate).
+RELATION_POINTS: dict[str, tuple[int, int]] = {
+    "left": (1, -1),
+    "right": (1, 1),
+    "above": (0, -1),
+    "top": (0, -1),
+    "below": (0, 1),
+    "under": (0, 1),
+    "bottom": (0, 1),
+}
+
+
 def _draw(draw, obj: Obj, cx: float, cy: float, r: float, rng, label_draw=None) -> None:
     colour, shape, _ = obj
     fill = tuple(int(np.clip(v + rng.randint(-25, 25), 0, 255)) for v in COLOURS[colour])

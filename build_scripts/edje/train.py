@@ -158,6 +158,7 @@ class StageTwo:
     ground_weight: float = 1.0  # grounding loss on attention (synthetic world; 0: off)
     ground_heads: int = 2  # ... on the first this many heads ...
     ground_layers: int = 2  # ... of the first this many layers
+    ground_relations: bool = False  # relation words too: each looks at the object it points at
     log_every: int = 20
     eval_every: int = 400
     eval_queries: int = 0  # 0: the whole validation split
@@ -817,6 +818,8 @@ class EDJETrainer:
             for t, w in enumerate(enc.word_ids(row)[:length]):
                 if w is not None:
                     classes[row, t] = per_word[w]
+        if cfg.ground_relations:
+            classes = self._relation_targets(batch, enc, classes, length)
         target = torch.gather(mix, 2, classes[:, None, :].expand(-1, q, -1)).transpose(1, 2)
         total = target.sum(-1, keepdim=True)  # [B, L, 1]
         valid = (classes > 0) & (total.squeeze(-1) > 0)
@@ -832,6 +835,34 @@ class EDJETrainer:
             ce = -(target[:, None] * torch.log(att + 1e-9)).sum(-1)  # [B, H, L]
             loss.append(ce.permute(0, 2, 1)[valid.to(self.device)].mean())
         return torch.stack(loss).mean()
+
+    def _relation_targets(self, batch: dict, enc, classes: torch.Tensor, length: int):
+        """Give each relation word ("left", "above", ...) of a two-object caption the class of
+        the object it points at in this image (label-map centroids), so that a grounding head
+        learns *where*: "left" looks at whatever is further left."""
+        labels = self.data.labels[torch.as_tensor(batch["img"])]
+        size = labels.shape[-1]
+        coords = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"))
+        for row, c in enumerate(batch["cap"]):
+            present = sorted({int(k) for k in classes[row].tolist() if k > 0})
+            if len(present) != 2:  # needs two objects of different classes
+                continue
+            centre = []
+            for k in present:
+                where = labels[row] == k
+                if not where.any():
+                    break
+                centre.append(coords[:, where].float().mean(1))  # (y, x)
+            if len(centre) != 2:
+                continue
+            words = self.data.captions[c].split()
+            for t, w in enumerate(enc.word_ids(row)[:length]):
+                if w is None or words[w] not in synthetic.RELATION_POINTS:
+                    continue
+                axis, sign = synthetic.RELATION_POINTS[words[w]]
+                further = int(sign * (centre[1][axis] - centre[0][axis]) > 0)
+                classes[row, t] = present[further]
+        return classes
 
     def _tokenize(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self._encode([self.data.captions[i] for i in idx])
