@@ -95,7 +95,7 @@ def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
 @torch.no_grad()
 def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, dict]:
     """Masked-word accuracy per word group, own image vs another scene's (see module doc)."""
-    from edje.train import pair_hidden
+    from edje.train import pair_hidden, word_group_ids
 
     indexing, _ = source.build_indexing_model()
     ranking, _ = source.build_ranking_model()
@@ -108,15 +108,9 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
     others = torch.roll(tokens, 1, dims=0)  # another scene's image for every caption
     enc = tokenizer([e.captions[0] for e in examples], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    group_of = torch.full((len(tokenizer),), -1)
-    for g, words in enumerate(synthetic.WORD_GROUPS):
-        known = [
-            i for i in tokenizer.convert_tokens_to_ids(list(words)) if i != tokenizer.unk_token_id
-        ]
-        group_of[known] = g
-    names = ("colour", "shape", "size", "number", "relation")
+    group_of = word_group_ids(tokenizer, tuple(synthetic.WORD_GROUPS.values()))
     report = {}
-    for g, name in enumerate(names):
+    for g, name in enumerate(synthetic.WORD_GROUPS):
         hit = group_of[ids] == g
         rows = hit.any(1)
         if not rows.any():
@@ -155,13 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from edje.model_source import ModelSource
 
-        indexing, _ = ModelSource.from_dir(args.source).build_indexing_model()
+        source = ModelSource.from_dir(args.source)
+        indexing, _ = source.build_indexing_model()
         vision = indexing.vision_encoder
         patch = vision.config.patch_size
     features, labels = vit_features(vision, args.images)
     report = {"vit": feature_probes(features, labels, patch)}
     if args.source:
-        report["joint_encoder"] = joint_encoder_probes(ModelSource.from_dir(args.source))
+        report["joint_encoder"] = joint_encoder_probes(source)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -159,17 +159,30 @@ _EDIT_CATEGORIES: tuple[tuple[str, ...], ...] = (
     ("two", "three", "four"),  # "one" stays: changing it would break the plural
 )
 _FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above", "under": "above"}
+
+# Relation words and the object each one points at: "left" in "a red circle left of a blue
+# square" names the object further left (axis 1: x, -1: the smaller coordinate).
+RELATION_POINTS: dict[str, tuple[int, int]] = {
+    "left": (1, -1),
+    "right": (1, 1),
+    "above": (0, -1),
+    "top": (0, -1),
+    "below": (0, 1),
+    "under": (0, 1),
+    "bottom": (0, 1),
+}
+
+
 # Words that say something about the image, by kind. Training masks a whole kind at once (all
 # colours of a caption, say): with one colour left visible, the other follows by elimination,
 # with none left, naming them means binding each colour to its shape and place in the image.
-WORD_GROUPS: tuple[tuple[str, ...], ...] = (
-    tuple(COLOURS),
-    (*SHAPES, *(f"{s}s" for s in SHAPES)),
-    SIZES,
-    tuple(NUMBERS.values()),
-    (*_FLIPS, "top", "bottom"),
-)
-CONTENT_WORDS = tuple(w for group in WORD_GROUPS for w in group)
+WORD_GROUPS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": (*SHAPES, *(f"{s}s" for s in SHAPES)),
+    "size": SIZES,
+    "number": tuple(NUMBERS.values()),
+    "relation": tuple(RELATION_POINTS),
+}
 
 
 def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
@@ -230,19 +243,6 @@ def phrase_classes(text: str) -> list[int]:
         if colour in COLOURS and shape in SHAPES:
             out[i] = out[i + 1] = object_class((colour, shape, ""))
     return out
-
-
-# Relation words and the object each one points at: "left" in "a red circle left of a blue
-# square" names the object further left (axis 1: x, -1: the smaller coordinate).
-RELATION_POINTS: dict[str, tuple[int, int]] = {
-    "left": (1, -1),
-    "right": (1, 1),
-    "above": (0, -1),
-    "top": (0, -1),
-    "below": (0, 1),
-    "under": (0, 1),
-    "bottom": (0, 1),
-}
 
 
 def _draw(draw, obj: Obj, cx: float, cy: float, r: float, rng, label_draw=None) -> None:

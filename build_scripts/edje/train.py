@@ -594,6 +594,16 @@ def init_adapter_spatial(
     return accuracy
 
 
+def word_group_ids(tokenizer, groups: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Per vocabulary id, the index of the word group it belongs to, or -1 (words the
+    tokenizer does not know are left out)."""
+    group_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
+    for g, words in enumerate(groups):
+        ids = tokenizer.convert_tokens_to_ids(list(words))
+        group_of[[i for i in ids if i != tokenizer.unk_token_id]] = g
+    return group_of
+
+
 @torch.no_grad()
 def match_token_scale(
     adapter: TokenCompressionAdapter,
@@ -677,9 +687,7 @@ class EDJETrainer:
         # the collator's random 15%-style masking of any word.
         self.word_group = None
         if mlm_groups is not None:
-            self.word_group = torch.full((len(tokenizer),), -1, dtype=torch.long)
-            for g, words in enumerate(mlm_groups):
-                self.word_group[tokenizer.convert_tokens_to_ids(list(words))] = g
+            self.word_group = word_group_ids(tokenizer, mlm_groups)
             self.num_groups = len(mlm_groups)
         # Grounding (synthetic world): the first heads of the first layers learn to look from
         # a noun phrase's words at the image cells that hold its object (label maps).
@@ -802,15 +810,14 @@ class EDJETrainer:
         labels = torch.where(hit, ids, torch.full_like(ids, -100))
         return torch.where(hit, torch.full_like(ids, self.tokenizer.mask_token_id), ids), labels
 
-    def _grounding(self, batch: dict, mask: torch.Tensor, attentions) -> torch.Tensor:
+    def _grounding(self, batch: dict, enc, mask: torch.Tensor, attentions) -> torch.Tensor:
         """Cross-entropy of the grounding heads' attention (positive pairs, rows ``:B``) from
         each phrase word to the image cells, against the share of the phrase's object in each
-        cell."""
+        cell. ``enc`` is the positives' tokenization, ``mask`` its padded attention mask."""
         b, cfg = len(batch["cap"]), self.cfg
         q = self.indexing.vision_projection.query.shape[1]
         cell = self.data.labels.shape[-1] // math.isqrt(q)
         mix = patch_object_mix(self.data.labels[torch.as_tensor(batch["img"])], cell)  # [B,Q,C]
-        enc = self._encode([self.data.captions[c] for c in batch["cap"]])
         length = mask.shape[1]
         classes = torch.zeros(b, length, dtype=torch.long)
         for row, c in enumerate(batch["cap"]):
@@ -864,9 +871,10 @@ class EDJETrainer:
                 classes[row, t] = present[further]
         return classes
 
-    def _tokenize(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, idx):
+        """``(input_ids, attention_mask, encoding)`` of the captions ``idx``."""
         enc = self._encode([self.data.captions[i] for i in idx])
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), enc
 
     def _encode(self, texts: list[str]):
         return self.tokenizer(
@@ -892,13 +900,13 @@ class EDJETrainer:
         )
         tokens = self.indexing.vision_projection(self.features(images))  # [(n + 1 or 2) B, Q, D]
         pos_tok, *neg_tok = tokens.split(b)
-        ids, mask = self._tokenize(batch["cap"])
+        ids, mask, enc = self._tokenize(batch["cap"])
         if edit:
             third_ids, third_mask, edit_labels = self._edited(batch)
             third_tok = pos_tok  # (edited caption, its image)
         else:
             third_ids, third_mask, third_tok = ids, mask, neg_tok.pop()  # (caption, random image)
-        neg_ids, neg_mask = self._tokenize(batch["neg_cap"])
+        neg_ids, neg_mask, _ = self._tokenize(batch["neg_cap"])
         length = max(ids.shape[1], neg_ids.shape[1], third_ids.shape[1])
         if edit:
             edit_labels = _pad_to(edit_labels, length)
@@ -948,7 +956,7 @@ class EDJETrainer:
                 * word_mask
             ).sum() / word_mask.sum()
         if ground:
-            out["ground"] = self._grounding(batch, mask, attentions)
+            out["ground"] = self._grounding(batch, enc, mask, attentions)
         others = (logits + (keep - 1) * 1e4)[1:].max(0).values
         out["acc"] = (logits[0] > others).float().mean().detach()
         # ITC: text-only [CLS] -> text_projection ~ first-stage text embedding.
@@ -1304,17 +1312,16 @@ def train_default(
     )
     log.info(f"EDJE: {trainable / 1e6:.2f}M trainable parameters")
     features = Features(indexing.vision_encoder, train, cache=True, device="cpu")
+    sample = features(range(min(512, len(train.image_group))))  # for the start-up fits
     if recipe.stage2.adapter_init == "spatial":
-        init_adapter_spatial(
-            indexing.vision_projection, features(range(min(512, len(train.image_group))))
-        )
+        init_adapter_spatial(indexing.vision_projection, sample)
     elif recipe.stage2.adapter_init == "head":
         init_adapter_from_head(indexing.vision_projection, clip, recipe.stage2.warm_start_adapter)
     if recipe.stage2.image_token_scale > 0:
         match_token_scale(
             indexing.vision_projection,
             ranking,
-            features(range(min(512, len(train.image_group)))),
+            sample,
             recipe.stage2.image_token_scale,
         )
     image_emb, _ = embed_images(clip, train)
@@ -1331,7 +1338,7 @@ def train_default(
         recipe.stage2,
         seed=recipe.seed,
         caption_editor=synthetic.edit_caption,
-        mlm_groups=synthetic.WORD_GROUPS,
+        mlm_groups=tuple(synthetic.WORD_GROUPS.values()),
         phrase_classes=synthetic.phrase_classes,
     )
     val_features = Features(indexing.vision_encoder, val, cache=True, device="cpu")
