@@ -289,6 +289,37 @@ def test_mlm_masks_one_whole_word_group_per_caption(tiny_setup):
     assert len(seen) == 10
 
 
+def test_twin_negatives_are_binding_twins(tiny_setup):
+    trainer = _trainer(tiny_setup, steps=1)
+    data = trainer.data
+    scenes = {s.key: s for s in synthetic.split_scenes(seed=0)["val"]}
+    key_of = {int(g): k for g, k in enumerate(sorted(scenes))}
+    assert data.twins_of, "the world has binding twins"
+    for g, twins in list(data.twins_of.items())[:50]:
+        scene = scenes[key_of[g]]
+        for t in twins:
+            twin = scenes[key_of[int(data.image_group[t])]]
+            assert twin.key != scene.key and twin.group == scene.group
+    # Once the hard share is full, twin_share 1 draws only twins (where a caption has any).
+    trainer.cfg.twin_share, trainer.step = 1.0, trainer.cfg.steps
+    batch = trainer.sample()
+    for c, negs in zip(batch["cap"], batch["neg_img"], strict=True):
+        g = int(data.caption_group[c])
+        if g in data.twins_of:
+            assert set(negs.tolist()) <= set(data.twins_of[g].tolist())
+
+
+def test_phrase_words_name_their_object():
+    red_circle = synthetic.object_class(("red", "circle", ""))
+    blue_square = synthetic.object_class(("blue", "square", ""))
+    assert synthetic.phrase_classes("a small red circle left of a large blue square") == [
+        0, red_circle, red_circle, red_circle, 0, 0, 0, blue_square, blue_square, blue_square
+    ]  # fmt: skip
+    assert synthetic.phrase_classes("two red circles and one blue square") == [
+        red_circle, red_circle, red_circle, 0, blue_square, blue_square, blue_square
+    ]  # fmt: skip
+
+
 def test_edje_losses_fall(tiny_setup):
     trainer = _trainer(tiny_setup, steps=30)
     batch = trainer.sample()

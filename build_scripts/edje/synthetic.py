@@ -233,15 +233,19 @@ def object_class(obj: Obj) -> int:
 
 def phrase_classes(text: str) -> list[int]:
     """Per word of a caption, the object class (:func:`object_class`) its noun phrase names,
-    or 0: the colour and the shape of "a small red circle" (or "two red circles") both name
-    (red, circle). Training teaches such words to look at the image cells of that object."""
+    or 0: the size, colour and shape of "a small red circle" (or the number, colour and shape
+    of "two red circles") all name (red, circle). Training teaches such words to look at the
+    image cells of that object."""
     words = text.split()
     plural = {f"{s}s": s for s in SHAPES}
+    modifiers = {*SIZES, *NUMBERS.values()}
     out = [0] * len(words)
     for i in range(len(words) - 1):
         colour, shape = words[i], plural.get(words[i + 1], words[i + 1])
         if colour in COLOURS and shape in SHAPES:
             out[i] = out[i + 1] = object_class((colour, shape, ""))
+            if i > 0 and words[i - 1] in modifiers:
+                out[i - 1] = out[i]
     return out
 
 

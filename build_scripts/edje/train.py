@@ -31,8 +31,8 @@ Two stages (DESIGN.md §2, §6):
 
 Commands (``python -m edje.train --help``)::
 
-    # the embedded default (CPU, 2 cores: stage 1 ~5 min, stage 2 60 min on wall time, about
-    # 70 min in all; --stage2-minutes 0 --stage2-steps N schedules on steps and is
+    # the embedded default (CPU, 2 cores: stage 1 ~5 min, stage 2 80 min on wall time, about
+    # 87 min in all; --stage2-minutes 0 --stage2-steps N schedules on steps and is
     # deterministic). Writes TRAINING.md and training.json beside the weights.
     python -m edje.train default --out build_scripts/edje/default_model
     # quality on the held-out synthetic test split
@@ -53,7 +53,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,6 +154,10 @@ class StageTwo:
     distill_temperature: float = 0.1
     distill_until: float = 1.0  # the distillation weight falls linearly to 0 by this progress
     image_negatives: int = 1  # wrong images per positive caption (mined or random)
+    # Share of those drawn from the caption's binding twins (synthetic world: its scene with
+    # colours swapped, the relation flipped or counts swapped), the re-ranker's hardest case;
+    # it rises with the hard share.
+    twin_share: float = 0.0
     image_token_scale: float = 2.0  # > 0: start image tokens this many times the word std
     ground_weight: float = 1.0  # grounding loss on attention (synthetic world; 0: off)
     ground_heads: int = 2  # ... on the first this many heads ...
@@ -208,11 +212,22 @@ class PairData:
     pixels: torch.Tensor | None = None
     load_pixels: Callable[[Sequence[int]], torch.Tensor] | None = None
     labels: torch.Tensor | None = None  # uint8 [N, H, W] object classes (synthetic world only)
+    # int [N]: images whose scenes differ only in binding (swapped colours, flipped relation,
+    # swapped counts) share a family (synthetic world only)
+    image_family: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.images_of: dict[int, np.ndarray] = {}
         for g in np.unique(self.image_group):
             self.images_of[int(g)] = np.flatnonzero(self.image_group == g)
+        # Per group, the images of its binding twins (same family, another group).
+        self.twins_of: dict[int, np.ndarray] = {}
+        if self.image_family is not None:
+            for g, idx in self.images_of.items():
+                family = self.image_family[idx[0]]
+                twins = np.flatnonzero((self.image_family == family) & (self.image_group != g))
+                if len(twins):
+                    self.twins_of[g] = twins
         self.captions_of: dict[int, np.ndarray] = {}
         for g in np.unique(self.caption_group):
             self.captions_of[int(g)] = np.flatnonzero(self.caption_group == g)
@@ -236,6 +251,7 @@ def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool
     keys = sorted({ex.scene.key for ex in examples})
     group_of = {k: i for i, k in enumerate(keys)}
     image_group = np.array([group_of[ex.scene.key] for ex in examples])
+    families = {g: i for i, g in enumerate(sorted({ex.scene.group for ex in examples}))}
     captions, caption_group, kinds = [], [], []
     if all_templates:
         scenes = {ex.scene.key: ex.scene for ex in examples}
@@ -256,6 +272,7 @@ def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool
         kinds,
         to_uint8([e.image for e in examples]),
         labels=torch.from_numpy(np.stack([e.labels for e in examples])),
+        image_family=np.array([families[ex.scene.group] for ex in examples]),
     )
 
 
@@ -748,10 +765,23 @@ class EDJETrainer:
             if self.data.caption_group[c] != group:
                 return c
 
+    def _wrong_image(self, c: int, g: int, mined: Iterator[int], p: float) -> int:
+        """A wrong image for caption ``c`` (group ``g``): a binding twin with probability
+        ``twin_share`` (scaled like the hard share), else mined with probability ``p``, else
+        random."""
+        twins = self.data.twins_of.get(g)
+        share = self.cfg.twin_share * p / max(self.cfg.max_hard_share, 1e-9)
+        if twins is not None and self.rng.random() < share:
+            return int(self.rng.choice(twins))
+        if self.rng.random() < p:
+            return int(self.hard_images[c, next(mined)])
+        return self._random_image(g)
+
     def sample(self) -> dict[str, np.ndarray]:
-        """Per positive (caption c, image i): ``image_negatives`` wrong images for c, each mined
-        (from the first stage's top-k, without repeats) or random; a hard-or-random wrong
-        caption for i; and, without a caption editor, one more random wrong image for c."""
+        """Per positive (caption c, image i): ``image_negatives`` wrong images for c, each a
+        binding twin, mined (from the first stage's top-k, without repeats) or random; a
+        hard-or-random wrong caption for i; and, without a caption editor, one more random
+        wrong image for c."""
         cfg = self.cfg
         b, p, k, n = cfg.batch_size, self.hard_share(), self.hard_k(), cfg.image_negatives
         cap = self.rng.integers(len(self.data.captions), size=b)
@@ -760,14 +790,7 @@ class EDJETrainer:
         neg_img, rand_img, neg_cap = [], [], []
         for c, i, g in zip(cap, img, groups, strict=True):
             mined = iter(self.rng.permutation(k) if k >= n else self.rng.integers(k, size=n))
-            neg_img.append(
-                [
-                    int(self.hard_images[c, next(mined)])
-                    if self.rng.random() < p
-                    else self._random_image(g)
-                    for _ in range(n)
-                ]
-            )
+            neg_img.append([self._wrong_image(c, int(g), mined, p) for _ in range(n)])
             if self.editor is None:
                 rand_img.append(self._random_image(g))
             neg_cap.append(
@@ -1530,7 +1553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument(
         "--stage2-minutes",
         type=float,
-        default=60,
+        default=80,
         help="wall-time budget: the schedule runs on time (0: on steps, deterministic)",
     )
     d.add_argument("--images-per-scene", type=int, default=Recipe.images_per_scene)
