@@ -337,14 +337,12 @@ def test_edje_losses_fall(tiny_setup):
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
-@pytest.mark.skipif(
-    not (DEFAULT_MODEL / "edje_config.json").is_file(),
-    reason="no trained default in build_scripts/edje/default_model yet "
-    "(run `python -m edje.train default`)",
-)
 def test_shipped_default_reranking_gain():
     from edje.model_source import ModelSource
 
+    assert (DEFAULT_MODEL / "edje_config.json").is_file(), "the trained default must ship"
+    assert (DEFAULT_MODEL / "edje.safetensors").stat().st_size <= 40e6
+    assert "python -m edje.train default" in (DEFAULT_MODEL / "TRAINING.md").read_text()
     source = ModelSource.from_dir(DEFAULT_MODEL)
     assert not source.random_weights
     report = evaluate(source, "test", seed=0, max_queries=150, show=0)
