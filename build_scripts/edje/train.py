@@ -954,6 +954,7 @@ class EDJETrainer:
         zero = torch.zeros(b, dtype=torch.long, device=self.device)
         image_side = list(range(n + 1)) + ([] if edit else [n + 1])
         caption_side = [0, n + 1, n + 2] if edit else [0, n + 2]
+        kept = logits + (keep - 1) * 1e4  # left-out rows can never win
         out = {
             "itm": F.binary_cross_entropy_with_logits(
                 logits, labels, weight=keep, pos_weight=torch.tensor(rows - 1.0, device=self.device)
@@ -961,7 +962,7 @@ class EDJETrainer:
             # Listwise: the caption's own image among its image candidates, and the image's
             # own caption among its caption candidates.
             "rank": F.cross_entropy(logits[image_side].T, zero)
-            + F.cross_entropy((logits + (keep - 1) * 1e4)[caption_side].T, zero),
+            + F.cross_entropy(kept[caption_side].T, zero),
         }
         if edit:
             # Which words does the image contradict? Rows: the positive (none) and the edit.
@@ -980,8 +981,7 @@ class EDJETrainer:
             ).sum() / word_mask.sum()
         if ground:
             out["ground"] = self._grounding(batch, enc, mask, attentions)
-        others = (logits + (keep - 1) * 1e4)[1:].max(0).values
-        out["acc"] = (logits[0] > others).float().mean().detach()
+        out["acc"] = (logits[0] > kept[1:].max(0).values).float().mean().detach()
         # ITC: text-only [CLS] -> text_projection ~ first-stage text embedding.
         cls = self.ranking.language_model.bert(
             input_ids=ids, attention_mask=mask
@@ -1384,9 +1384,10 @@ def train_default(
             max_queries=recipe.stage2.eval_queries or None,
         )
         keys = ("first_stage_R@1", "first_stage_R@10", "reranked_R@1", "hard_reranked_R@1")
-        curve.append({"step": trainer.step, "minutes": round((time.time() - t_start) / 60, 1)})
-        curve[-1] |= {k: rep[k] for k in keys}
-        return {k: rep[k] for k in keys}
+        scores = {k: rep[k] for k in keys}
+        minutes = round((time.time() - t_start) / 60, 1)
+        curve.append({"step": trainer.step, "minutes": minutes} | scores)
+        return scores
 
     trainer.fit(validate)
     t_train = time.time() - t_start
