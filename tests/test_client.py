@@ -27,7 +27,6 @@ from edje_client import (
     ModelNotReadyError,
     RerankResult,
     ServerError,
-    TokenStore,
 )
 from edje_client._core import (
     Endpoint,
@@ -38,6 +37,7 @@ from edje_client._core import (
     text_calls,
 )
 from edje_client.cli import main
+from edje_client.collection import ImageCollection
 from edje_client.errors import as_edje_error
 from edje_client.server import find_free_port
 
@@ -179,15 +179,15 @@ def test_rerank_sorts_by_score_and_truncates(client):
     np.testing.assert_allclose([r.score for r in probs], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_rerank_store(client, tmp_path):
+def test_rerank_collection(client, tmp_path):
     tokens = random_tokens(6, client.num_tokens, client.token_width, seed=3)
     ids = [f"img{i}.png" for i in range(6)]
-    with TokenStore(tmp_path / "store") as store:
-        store.put(ids, tokens)
-        everything = client.rerank_store("dog", store)
-        some = client.rerank_store("dog", store, ids=["img4.png", "img1.png"], top_n=1)
-        with pytest.raises(InvalidInputError, match="nope"):
-            client.rerank_store("dog", store, ids=["nope"])
+    collection = ImageCollection(tmp_path / "c", spec=client.spec.collection_spec())
+    collection.add(ids, tokens, np.ones((6, client.embedding_dim), np.float32))
+    everything = client.rerank_collection("dog", collection)
+    some = client.rerank_collection("dog", collection, ids=["img4.png", "img1.png"], top_n=1)
+    with pytest.raises(InvalidInputError, match="unknown id 'nope'"):
+        client.rerank_collection("dog", collection, ids=["nope"])
     direct = client.rerank("dog", tokens, ids=ids)
     assert [(r.index, r.id) for r in everything] == [(r.index, r.id) for r in direct]
     assert len(some) == 1 and some[0].id == ["img4.png", "img1.png"][some[0].index]
@@ -455,21 +455,27 @@ def test_cli_index_then_rerank(url, protocol, tmp_path, capsys):
     images, store = tmp_path / "images", tmp_path / "store"
     make_images(images, 5)
     server = ["--url", url, "--protocol", protocol]
-    assert main(["index", str(images), "--store", str(store), *server]) == 0
+    assert main(["index", str(images), "--collection", str(store), *server]) == 0
     assert "indexed 5 images" in capsys.readouterr().out
 
-    assert main(["index", str(images), "--store", str(store), *server]) == 0
+    assert main(["index", str(images), "--collection", str(store), *server]) == 0
     assert "5 already there" in capsys.readouterr().out
 
-    assert main(["rerank", "a green square", "--store", str(store), "--top-n", "3", *server]) == 0
+    args = ["rerank", "a green square", "--collection", str(store), "--top-n", "3", *server]
+    assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "id"] and len(lines) == 4
-    with TokenStore(store / "tokens", readonly=True) as reader, EDJEClient(url, protocol) as client:
-        assert sorted(reader.ids()) == ["0.png", "2.png", "4.png", "sub/1.png", "sub/3.png"]
-        expected = client.rerank_store("a green square", reader, top_n=3)
+    reader = ImageCollection(store, readonly=True)
+    assert sorted(reader.ids()) == ["0.png", "2.png", "4.png", "sub/1.png", "sub/3.png"]
+    assert reader.metadata(reader.rows_of(["sub/3.png"])) == [
+        {"path": str((images / "sub" / "3.png").resolve())}
+    ]
+    with EDJEClient(url, protocol) as client:
+        assert reader.spec == client.spec.collection_spec() and reader.spec.model_id
+        expected = client.rerank_collection("a green square", reader, top_n=3)
     assert [line.split()[2] for line in lines[1:]] == [r.id for r in expected]
 
-    args = ["rerank", "x", "--store", str(store), "--ids", "0.png", "--probabilities", *server]
+    args = ["rerank", "x", "--collection", str(store), "--ids", "0.png", "--probabilities", *server]
     assert main(args) == 0
     probability = float(capsys.readouterr().out.splitlines()[1].split()[1])
     assert 0.0 <= probability <= 1.0
@@ -479,20 +485,19 @@ def test_cli_reports_rejected_images(url, protocol, tmp_path, capsys):
     images, store = tmp_path / "images", tmp_path / "store"
     make_images(images, 3)
     (images / "broken.png").write_bytes(b"this is not an image")
-    args = ["index", str(images), "--store", str(store), "--url", url, "--protocol", protocol]
+    args = ["index", str(images), "--collection", str(store), "--url", url, "--protocol", protocol]
     assert main(args) == 1
     captured = capsys.readouterr()
     assert "indexed 3 images" in captured.out and "1 rejected" in captured.out
     assert "broken.png: " in captured.err and "cannot decode" in captured.err
-    with TokenStore(store / "tokens", readonly=True) as reader:
-        assert len(reader) == 3
+    assert len(ImageCollection(store, readonly=True)) == 3
 
 
 def test_cli_usage_and_connection_errors(tmp_path, capsys):
-    assert main(["index", str(tmp_path / "missing"), "--store", str(tmp_path / "s")]) == 2
+    assert main(["index", str(tmp_path / "missing"), "--collection", str(tmp_path / "s")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
-    assert main(["rerank", "dog", "--store", str(tmp_path / "missing")]) == 2
-    assert "no store at" in capsys.readouterr().err
+    assert main(["rerank", "dog", "--collection", str(tmp_path / "missing")]) == 2
+    assert "no collection at" in capsys.readouterr().err
     assert main(["serve", "--model-repository", str(tmp_path / "missing")]) == 2
     assert "make repo" in capsys.readouterr().err
     assert main([]) == 2
@@ -501,10 +506,8 @@ def test_cli_usage_and_connection_errors(tmp_path, capsys):
 
     (tmp_path / "a.png").write_bytes(png(0))
     address = f"127.0.0.1:{find_free_port()}"
-    assert (
-        main(["index", str(tmp_path / "a.png"), "--store", str(tmp_path / "s"), "--url", address])
-        == 1
-    )
+    args = ["index", str(tmp_path / "a.png"), "--collection", str(tmp_path / "s")]
+    assert main([*args, "--url", address]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach" in err and "Traceback" not in err
 

@@ -107,7 +107,7 @@ class FakeClient:
     def embed_texts(self, texts):
         return self.query_vector[None]
 
-    def bank_holds(self, store):
+    def bank_holds(self, collection):
         return False
 
     def score(self, text, tokens):

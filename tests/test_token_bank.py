@@ -47,13 +47,13 @@ def bank_server(tiny_source, tmp_path_factory):
 def test_rank_by_id_equals_token_passing(bank_server, protocol):
     server, collection = bank_server
     with EDJEClient(server.url(protocol), protocol) as client:
-        assert client.bank_holds(collection.store)
+        assert client.bank_holds(collection)
         rows = np.array([3, 0, 39, 7, 7])
         by_id = client.score_ids("a red circle left of a blue square", rows)
         by_tokens = client.score("a red circle left of a blue square", collection.tokens(rows))
         np.testing.assert_allclose(by_id, by_tokens, rtol=1e-5, atol=1e-6)
-        auto = client.rerank_store("dog", collection.store, top_n=5)
-        forced = client.rerank_store("dog", collection.store, top_n=5, by_id=False)
+        auto = client.rerank_collection("dog", collection, top_n=5)
+        forced = client.rerank_collection("dog", collection, top_n=5, by_id=False)
         assert [r.id for r in auto] == [r.id for r in forced]
         np.testing.assert_allclose([r.score for r in auto], [r.score for r in forced], rtol=1e-5)
         query = collection.embeddings()[11]
@@ -111,7 +111,7 @@ def test_bank_too_large_for_memory_is_refused_at_load(bank_server, tmp_path):
     with pytest.raises(MemoryError, match="more than the 0.0 GB allowed"):
         load_model(repo / "edje_token_bank", max_bank_bytes="1000")
     model, _ = load_model(repo / "edje_token_bank")
-    assert len(model.store) >= N
+    assert len(model.bank) >= N
 
 
 def test_cli_rerank_by_id(bank_server, capsys):
@@ -121,7 +121,7 @@ def test_cli_rerank_by_id(bank_server, capsys):
     args = [
         "rerank",
         "dog",
-        "--store",
+        "--collection",
         str(collection.path),
         "--top-n",
         "3",

@@ -139,7 +139,7 @@ def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
     ranking, _ = source.build_ranking_model()
     fp32 = export_ranker(ranking, work / "ranker_default.onnx")
     int8 = quantize_int8(fp32, work / "ranker_default_int8.onnx")
-    from edje_client.store import TokenStore
+    from edje_client.collection_format import quantise_int8
 
     s32, s8 = ort.InferenceSession(str(fp32)), ort.InferenceSession(str(int8))
     tok = source.tokenizer()
@@ -166,10 +166,10 @@ def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
         a, b = s32.run(None, feeds)[0][:, 0], s8.run(None, feeds)[0][:, 0]
         agree.append(int(np.argmax(a) == np.argmax(b)))
         rhos.append(spearman(a, b))
-        # int8 token storage (TokenStore dtype="int8"): the same ranker on dequantised tokens.
-        with tempfile.TemporaryDirectory() as tmp, TokenStore(tmp, dtype="int8") as store:
-            store.put([str(i) for i in range(10)], feeds["compressed_tokens"])
-            feeds["compressed_tokens"] = store.get_rows(np.arange(10))
+        # int8 token storage (a collection with token_dtype="int8"): the same ranker on the
+        # dequantised tokens.
+        quantised, scales = quantise_int8(feeds["compressed_tokens"])
+        feeds["compressed_tokens"] = (quantised * scales[..., None]).astype(np.float16)
         c = s32.run(None, feeds)[0][:, 0]
         store_agree.append(int(np.argmax(a) == np.argmax(c)))
         store_rhos.append(spearman(a, c))
@@ -503,7 +503,7 @@ def markdown(results: dict, command: str) -> str:
         f"{100 * a['top1_agreement']:.1f}%, Spearman mean {a['spearman_mean']:.4f} "
         f"(min {a['spearman_min']:.4f}).",
         "",
-        f'int8 token storage (`TokenStore(dtype="int8")`, half the bytes), fp32 ranker on the '
+        f'int8 token storage (a collection with `token_dtype="int8"`, half the bytes), fp32 ranker on the '
         f"dequantised tokens, same lists: top-1 agreement {100 * a['int8_store_top1_agreement']:.1f}%, "
         f"Spearman mean {a['int8_store_spearman_mean']:.4f}.",
         "",

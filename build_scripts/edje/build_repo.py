@@ -125,7 +125,10 @@ def template_values(
         pad_token=tokenizer.pad_token,
         text_pad_token_id=str(text_tokenizer.pad_token_id),
         text_pad_token=text_tokenizer.pad_token,
-        bank_path=str(Path(settings.token_bank).resolve()) if settings.token_bank else "",
+        bank_path=settings.token_bank
+        if "://" in settings.token_bank
+        else (str(Path(settings.token_bank).resolve()) if settings.token_bank else ""),
+        model_id=source.model_id,
     )
     return values
 
@@ -197,9 +200,11 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
     code = {name: TEMPLATE_DIR / src / "1" / "model.py" for name, src in python_models.items()}
     if settings.runtime == "python":
         code.update({name: shared / "onnx_runner.py" for name in ONNX_MODELS})
+    helpers = sorted(p for p in shared.glob("*.py") if p.name != "onnx_runner.py")
     for name, model_py in code.items():
         shutil.copy2(model_py, staging / name / "1" / "model.py")
-        shutil.copy2(shared / "edje_backend_utils.py", staging / name / "1")
+        for helper in helpers:
+            shutil.copy2(helper, staging / name / "1")
 
     log.info("exporting ONNX models")
     export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")
@@ -215,6 +220,7 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
 
     manifest = {
         "source": source.description,
+        "model_id": source.model_id,
         "checkpoint": str(source.checkpoint),
         "random_weights": source.random_weights,
         "settings": asdict(settings),

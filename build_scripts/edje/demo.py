@@ -116,7 +116,8 @@ def run(work: Path, repo: Path, queries: int) -> int:
     shutil.rmtree(store_path, ignore_errors=True)  # a fresh gallery each run
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:
         print(f"tritonserver ready on {server.grpc_url} (gRPC), {server.http_url} (HTTP)")
-        with EDJEClient(server.grpc_url) as client, ImageCollection(store_path) as store:
+        with EDJEClient(server.grpc_url) as client:
+            store = ImageCollection(store_path, spec=client.spec.collection_spec())
             t0 = time.perf_counter()
             indexed = client.index(dataset.images, progress=True)
             ids = [p.name for p in dataset.images]

@@ -12,6 +12,7 @@ Models are built from the configs alone and then filled from the checkpoint thro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -67,6 +68,19 @@ class ModelSource:
         config = {f.name: getattr(self, f.name) for f in fields(self)}
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+    @cached_property
+    def model_id(self) -> str:
+        """The model's identity: a hash of the checkpoint's bytes and of the token format.
+
+        Collections record it, so tokens of two different models are never mixed.
+        """
+        digest = hashlib.sha256()
+        with open(self.checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(f"{self.projection_type}/{self.num_compressed_tokens}".encode())
+        return "sha256:" + digest.hexdigest()[:16]
 
     @cached_property
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from edje_client.errors import (
     ServerError,
 )
 from edje_client.results import IndexResult, RerankResult
-from edje_client.store import TokenStore
 
 __version__ = "0.1.0"
 
@@ -19,7 +18,6 @@ __all__ = [
     "AsyncEDJEClient",
     "IndexResult",
     "RerankResult",
-    "TokenStore",
     "EDJEError",
     "APIConnectionError",
     "APITimeoutError",

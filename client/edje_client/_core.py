@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -27,7 +27,9 @@ from edje_client.errors import (
     as_edje_error,
 )
 from edje_client.results import IndexResult, RerankResult
-from edje_client.store import TokenStore
+
+if TYPE_CHECKING:
+    from edje_client.collection import CollectionSpec
 
 INDEX_MODEL = "edje_index"
 RANK_MODEL = "edje_rank"
@@ -134,7 +136,8 @@ class ServerSpec:
 
     ``text_batch`` is ``None`` when the server lacks the optional ``edje_text_embed``;
     ``bank_batch`` (ids per request) and ``bank_path`` are ``None`` without a token bank
-    (``edje_rank_by_id``).
+    (``edje_rank_by_id``). ``model_id`` names the served model (``""`` when the server does
+    not say).
     """
 
     num_tokens: int
@@ -145,6 +148,7 @@ class ServerSpec:
     text_batch: int | None = None
     bank_batch: int | None = None
     bank_path: str | None = None
+    model_id: str = ""
 
     @classmethod
     def from_configs(cls, configs: dict[str, dict[str, Any]]) -> ServerSpec:
@@ -171,6 +175,7 @@ class ServerSpec:
             parameters = configs[BANK_MODEL].get("parameters", {})
             bank_path = parameters.get("bank_path", {}).get("string_value") or None
             bank_batch = int(parameters.get("max_ids", {}).get("string_value") or 1)
+        model_id = index_config.get("parameters", {}).get("model_id", {}).get("string_value", "")
         return cls(
             q,
             d,
@@ -180,6 +185,15 @@ class ServerSpec:
             text_batch,
             bank_batch,
             bank_path,
+            model_id,
+        )
+
+    def collection_spec(self, token_dtype: str = "float16") -> CollectionSpec:
+        """The :class:`~edje_client.collection.CollectionSpec` of what this server indexes."""
+        from edje_client.collection import CollectionSpec
+
+        return CollectionSpec(
+            self.num_tokens, self.token_width, self.embedding_dim, token_dtype, self.model_id
         )
 
 
@@ -394,28 +408,20 @@ def rank_results(
     return [RerankResult(int(i), float(values[i]), None if ids is None else ids[i]) for i in order]
 
 
-def store_documents(store: TokenStore, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
-    """``(ids, tokens)`` of ``ids`` (all, in row order, when ``None``) from a token store."""
-    if isinstance(ids, str):
-        raise InvalidInputError("ids must be a list of str, not a single string")
-    ids = store.ids() if ids is None else list(ids)
-    try:
-        return ids, store.get(ids)
-    except KeyError as exc:
-        raise InvalidInputError(f"{exc.args[0]} in token store {store.path}") from exc
+def collection_rows(collection: Any, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
+    """``(ids, rows)`` of ``ids`` in an image collection (all, in row order, when ``None``).
 
-
-def store_rows(store: TokenStore, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
-    """``(ids, rows)`` of ``ids`` (all, in row order, when ``None``): the bank's integer ids."""
+    Rows are the token bank's integer image ids; an unknown id is an :class:`InvalidInputError`.
+    """
     if isinstance(ids, str):
         raise InvalidInputError("ids must be a list of str, not a single string")
     if ids is None:
-        return store.ids(), np.arange(len(store), dtype=np.int64)
+        return collection.ids(), np.arange(len(collection), dtype=np.int64)
     ids = list(ids)
     try:
-        return ids, np.array([store.index_of(i) for i in ids], dtype=np.int64)
+        return ids, collection.rows_of(ids)
     except KeyError as exc:
-        raise InvalidInputError(f"{exc.args[0]} in token store {store.path}") from exc
+        raise InvalidInputError(str(exc.args[0])) from exc
 
 
 def progress_bar(calls: list[Call], enabled: bool, unit: str) -> tqdm:

@@ -1,7 +1,8 @@
 """The ``edje`` command: index images, search and re-rank them, evaluate, serve the repository.
 
-A *store* (``--store``) is an :class:`~edje_client.collection.ImageCollection` directory: the
-EDJE tokens (a token store in ``tokens/``), the first-stage embeddings and their ANN index.
+A *collection* (``--collection``, alias ``--store``) is an
+:class:`~edje_client.collection.ImageCollection`: one Lance dataset, in a local directory or at an
+object-store URI, holding each image's id, EDJE tokens, first-stage embedding and path.
 
 Exit codes: 0 success, 1 an error (server, network, some images rejected), 2 a usage error.
 """
@@ -20,40 +21,49 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from edje_client._core import default_url
 from edje_client.client import EDJEClient
-from edje_client.collection import ImageCollection
+from edje_client.collection_cli import (
+    UsageError,
+    add_collection_commands,
+    open_collection,
+    storage_options,
+)
 from edje_client.errors import EDJEError, InvalidInputError
 from edje_client.evaluation import KarpathyDataset, evaluate_with_client, markdown_table
 from edje_client.results import IndexResult
 from edje_client.search import search
 from edje_client.server import DEFAULT_HOST, TritonServer
 from edje_client.server import ServerError as LaunchError
-from edje_client.store import StoreCorruptError, StoreLockedError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SHOWN_FAILURES = 5
 
 INDEX_EXAMPLES = """\
 examples:
-  edje index photos/ --store store/             every image under photos/, ids like "2024/a.jpg"
-  edje index a.jpg b.png --store store/         ids "a.jpg" and "b.png"
-  edje index photos/ --store store/ --protocol http --url 10.0.0.5:8000
+  edje index photos/ --collection my-photos/       every image under photos/, ids like "2024/a.jpg"
+  edje index a.jpg b.png --collection my-photos/   ids "a.jpg" and "b.png"
+  edje index photos/ --collection s3://bucket/photos --storage-option region=eu-west-1
+  edje index s3://bucket/raw/ --collection s3://bucket/photos --ray --workers 8
+  edje index photos/ --collection my-photos/ --ray --repository build/model_repository
 
-Ids already in the store are skipped, so an interrupted run can simply be repeated.
+Ids already in the collection are skipped, so an interrupted run can simply be repeated.
+The collection records the server's model and token shape; indexing into a collection made by
+another model is refused.
 """
 
 RERANK_EXAMPLES = """\
 examples:
-  edje rerank "a dog catching a frisbee" --store store/ --top-n 5
-  edje rerank "a red car" --store store/ --ids a.jpg b.png --probabilities
-  edje rerank "a red car" --store store/ --by-id      tokens stay on the server (token bank)
+  edje rerank "a dog catching a frisbee" --collection my-photos/ --top-n 5
+  edje rerank "a red car" --collection my-photos/ --ids a.jpg b.png --probabilities
+  edje rerank "a red car" --collection my-photos/ --by-id   tokens stay on the server
 """
 
 SEARCH_EXAMPLES = """\
 examples:
-  edje search "a dog catching a frisbee" --store store/
-  edje search "a red car" --store store/ -k 5 --rerank-top-k 50 --timings
-  edje search "a red car" --store store/ --rerank-top-k 0      first stage only
+  edje search "a dog catching a frisbee" --collection my-photos/
+  edje search "a red car" --collection my-photos/ -k 5 --rerank-top-k 50 --timings
+  edje search "a red car" --collection my-photos/ --rerank-top-k 0      first stage only
 """
 
 EVAL_EXAMPLES = """\
@@ -72,10 +82,6 @@ examples:
 
 Build the repository first with `make repo`. Stop with Ctrl+C (or SIGTERM).
 """
-
-
-class UsageError(Exception):
-    """A bad path or argument (exit code 2)."""
 
 
 def find_images(paths: Sequence[str]) -> tuple[list[tuple[str, Path]], int]:
@@ -132,36 +138,43 @@ def index_batch(
     return ids, merged, failures
 
 
-def open_collection(path: str, readonly: bool = False) -> ImageCollection:
-    """An :class:`ImageCollection`, with a missing or mismatched store as a usage error."""
-    try:
-        return ImageCollection(path, readonly=readonly)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-
-
 def cmd_index(args: argparse.Namespace) -> int:
-    images, repeated = find_images(args.paths)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.ray:
+        return index_on_ray(args)
+    images, repeated = find_images(args.paths)
     failures: list[tuple[str, str]] = []
-    with EDJEClient(args.url, args.protocol) as client, open_collection(args.store) as store:
-        todo = [(i, p) for i, p in images if i not in store.store]
+    with EDJEClient(args.url, args.protocol) as client:
+        spec = client.spec.collection_spec(args.token_dtype)
+        collection = open_collection(args, spec=spec)
+        stored = collection.existing([i for i, _ in images])
+        todo = [(i, p) for i, p in images if i not in stored]
         with tqdm(total=len(todo), unit="img", desc="indexing", leave=False) as bar:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start : start + args.batch_size]
                 ids, result, failed = index_batch(client, batch)
                 if ids:
-                    store.add(ids, result.tokens, result.embeddings)
+                    paths = {i: str(p.resolve()) for i, p in batch}
+                    collection.add(
+                        ids, result.tokens, result.embeddings, {"path": [paths[i] for i in ids]}
+                    )
                 failures += failed
                 bar.update(len(batch))
-        total = len(store)
+    if todo:
+        collection.first_stage.maintain_index()
+    total = len(collection)
     indexed = len(todo) - len(failures)
     print(
-        f"indexed {indexed} images into {args.store} ({total} in the store); "
+        f"indexed {indexed} images into {args.collection} ({total} in the collection); "
         f"{len(images) - len(todo)} already there, {len(failures)} rejected"
         + (f", {repeated} repeated ids ignored" if repeated else "")
     )
+    return report_failures(failures)
+
+
+def report_failures(failures: Sequence[tuple[str, str]]) -> int:
+    """Print the first rejected images by id; exit code 1 if any."""
     if failures:
         print(f"edje index: {len(failures)} image(s) rejected:", file=sys.stderr)
         for image_id, message in failures[:SHOWN_FAILURES]:
@@ -169,17 +182,44 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def index_on_ray(args: argparse.Namespace) -> int:
+    """``edje index --ray``: list, encode and write in parallel on Ray Data; commit once."""
+    from edje_client.distributed import index_with_ray
+
+    if len(args.paths) != 1:
+        raise UsageError("--ray takes one directory or object-store prefix")
+    if args.repository and args.url:
+        raise UsageError("give --url (Triton servers) or --repository (in-process), not both")
+    urls = None if args.repository else (args.url or default_url(args.protocol)).split(",")
+    report = index_with_ray(
+        args.paths[0],
+        args.collection,
+        urls=urls,
+        protocol=args.protocol,
+        repository=args.repository,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        storage_options=storage_options(args.storage_option),
+    )
+    print(
+        f"indexed {report.indexed} images into {args.collection} on Ray in "
+        f"{report.seconds:.1f} s; {report.skipped} already there, "
+        f"{len(report.failures)} rejected"
+    )
+    return report_failures(report.failures)
+
+
 def cmd_rerank(args: argparse.Namespace) -> int:
     if args.top_n is not None and args.top_n < 0:
         raise UsageError("--top-n must be non-negative")
-    with open_collection(args.store, readonly=True) as collection:
+    with open_collection(args, readonly=True) as collection:
         if not len(collection):
-            print(f"the store {args.store} is empty; fill it with `edje index`")
+            print(f"the collection {args.collection} is empty; fill it with `edje index`")
             return 0
         with EDJEClient(args.url, args.protocol) as client:
-            results = client.rerank_store(
+            results = client.rerank_collection(
                 args.query,
-                collection.store,
+                collection,
                 args.ids,
                 args.top_n,
                 args.probabilities,
@@ -195,9 +235,11 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1 or (args.rerank_top_k is not None and args.rerank_top_k < 0):
         raise UsageError("-k must be at least 1 and --rerank-top-k non-negative")
-    with open_collection(args.store, readonly=True) as collection:
+    with open_collection(args, readonly=True) as collection:
         if not len(collection):
-            raise UsageError(f"the store {args.store} is empty; fill it with `edje index`")
+            raise UsageError(
+                f"the collection {args.collection} is empty; fill it with `edje index`"
+            )
         with EDJEClient(args.url, args.protocol) as client:
             response = search(client, collection, args.query, args.k, args.rerank_top_k)
     print(f"{'rank':>4}  {'edje':>8}  {'first':>6}  {'was':>4}  id")
@@ -302,6 +344,26 @@ def _connection_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _collection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("collection")
+    group.add_argument(
+        "--collection",
+        "--store",
+        dest="collection",
+        required=True,
+        metavar="PATH|URI",
+        help="the collection: a local directory or an object-store URI (s3://, gs://, az://)",
+    )
+    group.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="object-store option passed to Lance (credentials, region, endpoint); repeatable",
+    )
+    return parent
+
+
 def _add_command(
     commands: argparse._SubParsersAction,
     func: Callable[[argparse.Namespace], int],
@@ -332,35 +394,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     server = [_connection_options()]
+    collection = [_collection_options()]
 
     p = _add_command(
         commands,
         cmd_index,
-        "index images into a token store",
+        "index images into a collection",
         "Index images (jpg, jpeg, png, webp, gif, bmp, tiff; directories are searched "
-        "recursively) and write their compressed tokens to a token store.",
+        "recursively) and append their tokens, embeddings and paths to a collection.",
         INDEX_EXAMPLES,
-        server,
+        [*server, *collection],
     )
     p.add_argument("paths", nargs="+", metavar="DIR|FILE", help="directories or image files")
-    p.add_argument("--store", required=True, help="store directory (created if missing)")
     p.add_argument(
         "--batch-size",
         type=int,
         default=256,
-        help="images indexed and committed to the store per step (default: %(default)s)",
+        help="images indexed and committed to the collection per step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--token-dtype",
+        choices=("float16", "int8"),
+        default="float16",
+        help="token storage of a new collection (int8: about half the bytes; default: %(default)s)",
+    )
+    ray = p.add_argument_group("distributed (Ray Data)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="encode on a Ray cluster (RAY_ADDRESS) or locally on Ray; commit once at the end",
+    )
+    ray.add_argument("--workers", type=int, default=1, help="encoder actors (default: 1)")
+    ray.add_argument(
+        "--repository",
+        metavar="DIR",
+        help="with --ray and no --url: run this model repository's vision adapter in-process "
+        "on each worker (its GPU where there is one)",
     )
 
     p = _add_command(
         commands,
         cmd_rerank,
         "re-rank stored images for a text query",
-        "Score a text query against images in a token store; print them best first.",
+        "Score a text query against images of a collection; print them best first.",
         RERANK_EXAMPLES,
-        server,
+        [*server, *collection],
     )
     p.add_argument("query", help="the text query")
-    p.add_argument("--store", required=True, help="store directory (from `edje index`)")
     p.add_argument("--ids", nargs="+", metavar="ID", help="only these ids (default: all)")
     p.add_argument("--top-n", type=int, help="show only the best N (default: all)")
     p.add_argument(
@@ -370,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--by-id",
         action="store_true",
         help="send image ids to the server's token bank, not tokens (default: when the "
-        "server's bank is this store)",
+        "server's bank is this collection)",
     )
 
     p = _add_command(
@@ -381,10 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         "re-rank the best candidates with EDJE. Re-ranked candidates come first; the others "
         "keep their first-stage order ('was' is the first-stage rank).",
         SEARCH_EXAMPLES,
-        server,
+        [*server, *collection],
     )
     p.add_argument("query", help="the text query")
-    p.add_argument("--store", required=True, help="store directory (from `edje index`)")
     p.add_argument("-k", type=int, default=10, help="results to show (default: %(default)s)")
     p.add_argument(
         "--rerank-top-k",
@@ -413,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPOSITORY",
         help="start the embedded server on this model repository for the run (ignores --url)",
     )
+
+    add_collection_commands(commands)
 
     p = _add_command(
         commands,
@@ -452,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (EDJEError, StoreLockedError, StoreCorruptError, LookupError) as err:
+    except (EDJEError, LookupError) as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

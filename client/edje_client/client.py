@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from edje_client._core import (
     as_tokens,
     check_rerank_args,
     check_server_state,
+    collection_rows,
     default_url,
     id_calls,
     index_calls,
@@ -39,14 +40,14 @@ from edje_client._core import (
     progress_bar,
     rank_calls,
     rank_results,
-    store_documents,
-    store_rows,
     text_calls,
     unreachable,
 )
 from edje_client.errors import APIConnectionError, EDJEError
 from edje_client.results import IndexResult, RerankResult
-from edje_client.store import TokenStore
+
+if TYPE_CHECKING:
+    from edje_client.collection import ImageCollection
 
 __all__ = ["EDJEClient", "AsyncEDJEClient"]
 
@@ -116,28 +117,33 @@ class _ClientBase:
         check_rerank_args(query, len(tokens), top_n, ids)
         return tokens
 
-    def bank_holds(self, store: TokenStore) -> bool:
-        """True when the server's token bank (``edje_rank_by_id``) serves this very store.
+    def bank_holds(self, collection: ImageCollection) -> bool:
+        """True when the server's token bank (``edje_rank_by_id``) serves this very collection.
 
-        Then :meth:`score_ids` on the store's rows equals :meth:`score` on its tokens, with
-        8 bytes per pair on the wire instead of Q x D x 2. Compared by path, so it is False for
-        a server that sees the store under another path (use ``by_id=True`` to force).
+        Then :meth:`score_ids` on the collection's rows equals :meth:`score` on its tokens, with
+        8 bytes per pair on the wire instead of Q x D x 2. Compared by path (or URI), so it is
+        False for a server that sees the collection under another path (``by_id=True`` forces).
         """
-        if not self.spec.bank_path:
+        bank = self.spec.bank_path
+        if not bank:
             return False
-        bank = Path(self.spec.bank_path).resolve()
-        return bank in (store.path.resolve(), store.path.resolve().parent)
+        if "://" in bank or "://" in collection.uri:
+            return bank.rstrip("/") == collection.uri.rstrip("/")
+        return Path(bank).resolve() == collection.path.resolve()
 
-    def _use_bank(self, store: TokenStore, by_id: bool | None) -> bool:
-        return self.bank_holds(store) if by_id is None else by_id
-
-    @staticmethod
-    def _bank_documents(
-        query: str, store: TokenStore, ids: Sequence[str] | None, top_n: int | None
-    ) -> tuple[list[str], np.ndarray]:
-        ids, rows = store_rows(store, ids)
+    def _collection_documents(
+        self,
+        query: str,
+        collection: ImageCollection,
+        ids: Sequence[str] | None,
+        top_n: int | None,
+        by_id: bool | None,
+    ) -> tuple[list[str], np.ndarray, bool]:
+        """``(ids, rows or tokens, by_id)``: what :meth:`rerank_collection` sends."""
+        ids, rows = collection_rows(collection, ids)
         check_rerank_args(query, len(rows), top_n, ids)
-        return ids, rows
+        use_bank = self.bank_holds(collection) if by_id is None else by_id
+        return ids, (rows if use_bank else collection.tokens(rows)), use_bank
 
     def __repr__(self) -> str:
         url, protocol = self._endpoint.url, self._endpoint.protocol
@@ -336,27 +342,24 @@ class EDJEClient(_ClientBase):
         tokens = self._rerank_tokens(query, documents, top_n, ids)
         return rank_results(self.score(query, tokens), top_n, return_probabilities, ids)
 
-    def rerank_store(
+    def rerank_collection(
         self,
         query: str,
-        store: TokenStore,
+        collection: ImageCollection,
         ids: Sequence[str] | None = None,
         top_n: int | None = None,
         return_probabilities: bool = False,
         by_id: bool | None = None,
     ) -> list[RerankResult]:
-        """:meth:`rerank` the documents ``ids`` of a token store (all of them when ``None``).
+        """:meth:`rerank` the images ``ids`` of a collection (all of them when ``None``).
 
-        Results carry the store ids; an id the store lacks raises :class:`InvalidInputError`.
-        With ``by_id`` (default: when :meth:`bank_holds` the store) only row numbers are sent
-        and the server's token bank supplies the tokens.
+        Results carry the collection's ids; an id it lacks raises :class:`InvalidInputError`.
+        With ``by_id`` (default: when :meth:`bank_holds` the collection) only row numbers are
+        sent and the server's token bank supplies the tokens.
         """
-        if self._use_bank(store, by_id):
-            ids, rows = self._bank_documents(query, store, ids, top_n)
-            scores = self.score_ids(query, rows)
-            return rank_results(scores, top_n, return_probabilities, ids)
-        ids, tokens = store_documents(store, ids)
-        return self.rerank(query, tokens, top_n, return_probabilities, ids)
+        ids, documents, use_bank = self._collection_documents(query, collection, ids, top_n, by_id)
+        scores = self.score_ids(query, documents) if use_bank else self.score(query, documents)
+        return rank_results(scores, top_n, return_probabilities, ids)
 
     def close(self) -> None:
         """Stop the worker threads and close the connections. Idempotent."""
@@ -495,23 +498,23 @@ class AsyncEDJEClient(_ClientBase):
         calls = id_calls(query, image_ids, self.spec)
         return merge_id_scores(await self._run(calls, progress, "pair"))
 
-    async def rerank_store(
+    async def rerank_collection(
         self,
         query: str,
-        store: TokenStore,
+        collection: ImageCollection,
         ids: Sequence[str] | None = None,
         top_n: int | None = None,
         return_probabilities: bool = False,
         by_id: bool | None = None,
     ) -> list[RerankResult]:
-        """Async :meth:`EDJEClient.rerank_store`."""
+        """Async :meth:`EDJEClient.rerank_collection`."""
         await self.connect()
-        if self._use_bank(store, by_id):
-            ids, rows = self._bank_documents(query, store, ids, top_n)
-            scores = await self.score_ids(query, rows)
-            return rank_results(scores, top_n, return_probabilities, ids)
-        ids, tokens = store_documents(store, ids)
-        return await self.rerank(query, tokens, top_n, return_probabilities, ids)
+        ids, documents, use_bank = self._collection_documents(query, collection, ids, top_n, by_id)
+        if use_bank:
+            scores = await self.score_ids(query, documents)
+        else:
+            scores = await self.score(query, documents)
+        return rank_results(scores, top_n, return_probabilities, ids)
 
     async def close(self) -> None:
         """Close the connection. Idempotent."""

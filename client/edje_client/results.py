@@ -39,7 +39,7 @@ class RerankResult:
     score
         The raw matching logit, or its sigmoid when probabilities were asked for.
     id
-        The document's id when ids were given (e.g. a :class:`TokenStore` id), else ``None``.
+        The document's id when ids were given (e.g. a collection id), else ``None``.
     """
 
     index: int

@@ -1,7 +1,8 @@
 """Text -> image search: first-stage embedding search, then EDJE re-ranking.
 
 The first stage embeds the query (``edje_text_embed``) and finds the nearest image embeddings
-in an :class:`~edje_client.collection.ImageCollection`; EDJE (``edje_rank``) then re-scores the
+in an :class:`~edje_client.collection.ImageCollection` (see
+:mod:`edje_client.first_stage`); EDJE (``edje_rank``) then re-scores the
 top ``rerank_top_k`` candidates with the stored tokens. Candidates are never lost: re-ranked ones
 come first in EDJE's order, the rest follow in first-stage order.
 """
@@ -26,18 +27,20 @@ class Scorer(Protocol):
 
     def score_ids(self, query: str, image_ids: np.ndarray) -> np.ndarray: ...
 
-    def bank_holds(self, store) -> bool: ...
+    def bank_holds(self, collection: ImageCollection) -> bool: ...
 
 
 @dataclass
 class SearchHit:
-    """One image: its id and store row, EDJE's logit (if re-ranked) and the first stage's."""
+    """One image: its id and row, EDJE's logit (if re-ranked), the first stage's score and
+    rank, and the collection's metadata columns for it (path, caption ...)."""
 
     id: str
     row: int
     score: float | None
     first_stage_score: float
     first_stage_rank: int
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -87,7 +90,7 @@ def search(
     n_rerank = min(rerank_top_k, len(rows))
     edje = np.zeros(0, dtype=np.float32)
     if n_rerank:
-        use_bank = client.bank_holds(collection.store) if by_id is None else by_id
+        use_bank = client.bank_holds(collection) if by_id is None else by_id
         if use_bank:
             edje = client.score_ids(query, rows[:n_rerank])
         else:
@@ -95,6 +98,7 @@ def search(
     t3 = time.perf_counter()
     order = rerank_order(first_scores, edje)[:k]
     ids = collection.ids(rows[order])
+    metadata = collection.metadata(rows[order])
     hits = [
         SearchHit(
             id=ids[n],
@@ -102,6 +106,7 @@ def search(
             score=float(edje[i]) if i < n_rerank else None,
             first_stage_score=float(first_scores[i]),
             first_stage_rank=int(i),
+            metadata=metadata[n],
         )
         for n, i in enumerate(order)
     ]
