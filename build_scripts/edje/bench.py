@@ -14,6 +14,8 @@ round by round, because this machine is shared and noisy. Sections:
    graph at equal batch (serving overhead); a K x concurrency grid over gRPC and HTTP with
    p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
 5. **Bytes and images:** bytes per pair on the wire, storage per image, indexing images/s.
+6. **Collections:** the token bank's random gather against an in-RAM numpy gather and Lance's
+   ``take`` (:mod:`edje.bench_collections`).
 
 Writes ``results.json``, PNG plots and ``performance.md`` into ``--out`` (default ``docs``).
 """
@@ -26,7 +28,6 @@ import io
 import json
 import logging
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from edje.bench_collections import markdown_lines as gather_lines
+from edje.bench_collections import section_gather
 from edje.configs import published_language_config, published_vision_config
 
 log = logging.getLogger("edje.bench")
@@ -546,6 +549,7 @@ def markdown(results: dict, command: str) -> str:
         f"{s['by_id']['by_id_bytes_per_pair'] * 5e4 / 1e6:.1f} MB/s.",
         f"- Indexing through Triton (default model): {s['index_images_per_s']:.0f} images/s.",
         "",
+        *gather_lines(results["gather"]),
     ]
     return "\n".join(lines)
 
@@ -573,14 +577,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
         "date": time.strftime("%Y-%m-%d"),
     }
-    log.info("1/4 real-size ranker: eager vs ONNX Runtime fp32 vs int8")
+    log.info("1/5 real-size ranker: eager vs ONNX Runtime fp32 vs int8")
     results["ranker"] = section_ranker(work, batch=32, rounds=args.rounds)
-    log.info("2/4 int8 agreement on the default model")
+    log.info("2/5 int8 agreement on the default model")
     results["int8"] = section_int8_agreement(source, work)
-    log.info("3/4 EDJE vs an online-ViT joint scorer at real size")
+    log.info("3/5 EDJE vs an online-ViT joint scorer at real size")
     results["online_vit"] = section_online_vit(rounds=max(2, args.rounds // 2))
-    log.info("4/4 served by Triton")
+    log.info("4/5 served by Triton")
     results["served"] = section_served(source, work, args.seconds, ks, cs)
+    log.info("5/5 collections: the token bank's gather")
+    results["gather"] = section_gather(work, rows=2000 if args.quick else 20_000)
     results["bytes"] = {
         "fp16_bytes_per_image": Q * D * 2,
         "int8_bytes_per_image": Q * D + 4 * Q,
