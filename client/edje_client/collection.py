@@ -144,7 +144,10 @@ class ImageCollection:
                     f"`edje collection migrate {path} NEW_COLLECTION`"
                 )
             if not (path / "_versions").is_dir():
-                if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                leftovers = {"data", "_transactions"}  # uncommitted writes, no version yet
+                if path.exists() and (
+                    not path.is_dir() or any(p.name not in leftovers for p in path.iterdir())
+                ):
                     raise CollectionError(
                         f"{path} exists but is not a collection (no Lance dataset there); "
                         "nothing was changed"
@@ -222,48 +225,61 @@ class ImageCollection:
         if table.num_rows == 0:
             return
         self._refuse_existing(table.column("id").to_pylist())
-        self._commit(lambda lance: self._write(lance, table))
+        self._create(table.schema)
+        self._commit(
+            lambda lance: lance.write_dataset(
+                table, self.uri, mode="append", storage_options=self.storage_options
+            )
+        )
 
-    def _write(self, lance, table):
-        mode = "create" if self._dataset is None else "append"
-        return lance.write_dataset(table, self.uri, mode=mode, storage_options=self.storage_options)
+    def commit_fragments(
+        self, fragments: Sequence[Any], ids: Sequence[str], schema: Any = None
+    ) -> None:
+        """Publish fragments from :func:`write_fragments` (holding ``ids``) as one version.
 
-    def commit_fragments(self, fragments: Sequence[Any], ids: Sequence[str]) -> None:
-        """Publish fragments from :func:`write_fragments` (holding ``ids``) as one version."""
+        ``schema`` is the fragments' (the spec's, plus their metadata columns); it matters only
+        when this commit creates the collection.
+        """
         self._check_writable()
         if self.spec is None:
             raise CollectionError(f"collection {self.uri} has no spec yet: give spec=...")
         if not fragments:
             return
         self._refuse_existing(check_ids(ids))
-        lance = lance_module()
-
-        def commit(lance):
-            if self._dataset is None:
-                operation = lance.LanceOperation.Overwrite(self.spec.schema(), list(fragments))
-                return lance.LanceDataset.commit(
-                    self.uri, operation, storage_options=self.storage_options
-                )
-            operation = lance.LanceOperation.Append(list(fragments))
-            return lance.LanceDataset.commit(
+        self._create(schema if schema is not None else self.spec.schema())
+        version = self._dataset.version
+        self._commit(
+            lambda lance: lance.LanceDataset.commit(
                 self.uri,
-                operation,
-                read_version=self._dataset.version,
+                lance.LanceOperation.Append(list(fragments)),
+                read_version=version,
                 storage_options=self.storage_options,
             )
+        )
 
-        self._commit(commit, lance)
+    def _create(self, schema: Any) -> None:
+        """Create the (empty) dataset with its id index, unless it exists.
 
-    def _commit(self, write, lance=None) -> None:
-        lance = lance or lance_module()
+        Creation is Lance's put-if-absent: a writer that lost the race to create the same
+        collection gets a clear error rather than replacing the winner's rows.
+        """
+        if self._dataset is not None:
+            return
+        lance = lance_module()
         try:
-            dataset = write(lance)
+            dataset = lance.write_dataset(
+                schema.empty_table(), self.uri, mode="create", storage_options=self.storage_options
+            )
+            dataset.create_scalar_index("id", "BTREE")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CollectionError(f"cannot create collection {self.uri}: {exc}") from exc
+        self._dataset = lance.dataset(self.uri, storage_options=self.storage_options)
+
+    def _commit(self, write: Any) -> None:
+        try:
+            self._dataset = write(lance_module())
         except (OSError, ValueError, RuntimeError) as exc:
             raise CollectionError(f"cannot write to collection {self.uri}: {exc}") from exc
-        if self._dataset is None:
-            dataset.create_scalar_index("id", "BTREE")
-            dataset = lance.dataset(self.uri, storage_options=self.storage_options)
-        self._dataset = dataset
 
     def _refuse_existing(self, ids: list[str]) -> None:
         present = self.existing(ids)
@@ -392,6 +408,9 @@ class ImageCollection:
         self._check_writable()
         if self._dataset is None:
             return {"compacted_fragments": 0, "index": "none", "bytes_removed": 0}
+        if not any(list(i.field_names) == ["id"] for i in self._dataset.describe_indices()):
+            self._dataset.create_scalar_index("id", "BTREE")  # a writer died before making it
+            self.refresh()
         self._dataset.optimize.optimize_indices()  # index every fragment: then all compact
         metrics = self._dataset.optimize.compact_files()
         self.refresh()

@@ -244,16 +244,19 @@ def decode_tokens(table, spec: CollectionSpec) -> np.ndarray:
 
 
 def write_fragments(
-    uri: str | Path, table, storage_options: dict[str, str] | None = None
+    uri: str | Path, table, storage_options: dict[str, str] | None = None, mode: str = "append"
 ) -> list[Any]:
     """Write a batch's data files under ``uri`` without committing; return their fragments.
 
     The distributed writer's half of an append: many workers call this in parallel, and one
     :meth:`ImageCollection.commit_fragments` publishes everything they wrote as one version.
+    ``mode="create"`` only says that no dataset exists there yet (it keeps Lance quiet).
     """
     from lance.fragment import write_fragments as lance_write
 
     try:
-        return lance_write(table, str(uri), schema=table.schema, storage_options=storage_options)
+        return lance_write(
+            table, str(uri), schema=table.schema, mode=mode, storage_options=storage_options
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CollectionError(f"cannot write to {uri}: {exc}") from exc
