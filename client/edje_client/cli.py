@@ -200,6 +200,7 @@ def index_on_ray(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         storage_options=storage_options(args.storage_option),
+        token_dtype=args.token_dtype,
     )
     print(
         f"indexed {report.indexed} images into {args.collection} on Ray in "
