@@ -141,8 +141,9 @@ class FirstStage:
                     "nprobes": NPROBES,
                     "refine_factor": REFINE_FACTOR,
                 },
-                columns=[],
+                columns=["_distance"],
                 with_row_address=True,
+                disable_scoring_autoprojection=True,
             )
             found = self.collection.rows_at(table.column("_rowaddr").to_numpy())
             distance = table.column("_distance").to_numpy()
