@@ -6,7 +6,8 @@ unrun). What runs instead:
 * hadolint (with its ShellCheck pass) on both Dockerfiles, failing on any finding;
 * checkov's Kubernetes and Dockerfile policies, once per module;
 * strict schema validation of every core Kubernetes object (kubernetes-validate) for the oldest
-  and newest Kubernetes versions we claim;
+  and newest Kubernetes versions we claim; the KubeRay RayJob (a CRD neither validator knows) by
+  its pod templates, validated and scanned as core objects, and structurally;
 * cross-checks that the files agree with one another, with the builder and ``edje serve``
   command lines, with the repository the GPU image bakes, and with docs/deploy.md;
 * the Prometheus-adapter rule's metric names, and the images' HEALTHCHECK command, against the
@@ -53,7 +54,18 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 # ONNX Runtime 1.19 in Triton container 24.10 reads ONNX IR <= 10 and opsets <= 21.
 MAX_IR_VERSION, MAX_OPSET = 10, 21
 # Checkov findings the manifests suppress inline (checkov.io/skipN annotations, with a reason).
-ALLOWED_CHECKOV_SKIPS = {"CKV_K8S_43"}  # image digests: only known once the image is pushed
+ALLOWED_CHECKOV_SKIPS = {
+    "CKV_K8S_43",  # image digests: only known once the image is pushed
+    "CKV_K8S_35",  # object-store keys as env vars: Lance reads them nowhere else (optional Secret)
+}
+# Manifests applied on their own, not through kustomization.yaml, and why.
+STANDALONE = {"ray-index-job.yaml": "a KubeRay RayJob: needs the operator's CRD, and is a run"}
+# Custom resources kubernetes-validate has no schema for, and what checks them instead.
+CUSTOM_KINDS = {
+    "Kustomization": "test_every_object_is_namespaced_and_listed_in_the_kustomization",
+    "ServiceMonitor": "test_service_servicemonitor_and_network_policy_agree",
+    "RayJob": "test_ray_index_job (its pod templates: as core objects, with checkov)",
+}
 
 
 def _tool(name: str) -> str:
@@ -125,6 +137,49 @@ def server_container() -> dict:
     return container
 
 
+def ray_pod_templates() -> dict[str, dict]:
+    """The RayJob's pod templates by role: the submitter, the head and each worker group."""
+    spec = k8s_object("RayJob")["spec"]
+    cluster = spec["rayClusterSpec"]
+    templates = {"submitter": spec["submitterPodTemplate"]}
+    templates["head"] = cluster["headGroupSpec"]["template"]
+    for group in cluster["workerGroupSpecs"]:
+        templates[f"worker-{group['groupName']}"] = group["template"]
+    return templates
+
+
+def ray_pods_as_jobs() -> list[dict]:
+    """Each RayJob pod template as a batch/v1 Job, with the RayJob's checkov annotations: the
+    core objects the validators know (KubeRay adds the command, probes and restart policy)."""
+    rayjob = k8s_object("RayJob")
+    jobs = []
+    for role, template in ray_pod_templates().items():
+        template = json.loads(json.dumps(template))
+        template["spec"].setdefault("restartPolicy", "Never")
+        metadata = {
+            "name": f"{rayjob['metadata']['name']}-{role}",
+            "namespace": rayjob["metadata"]["namespace"],
+            "annotations": rayjob["metadata"].get("annotations", {}),
+        }
+        jobs.append(
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": metadata,
+                "spec": {"template": template},
+            }
+        )
+    return jobs
+
+
+def project_requirements(extra: str = "") -> dict[str, Requirement]:
+    """pyproject.toml's requirements (``extra``: that optional group's), by distribution name."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["optional-dependencies"].get(extra, []) if extra else project["dependencies"]
+    return {(r := Requirement(line)).name.lower(): r for line in lines}
+
+
 def adapter_rule() -> dict:
     (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     return rule
@@ -159,11 +214,25 @@ def test_hadolint_finds_nothing(flavour):
 
 
 @pytest.fixture(scope="module")
-def checkov() -> dict[str, dict]:
-    """Checkov's Kubernetes and Dockerfile scans (run once, side by side: a few seconds each)."""
+def checkov(tmp_path_factory) -> dict[str, dict]:
+    """Checkov's Kubernetes and Dockerfile scans (run once, side by side: a few seconds each).
+
+    Checkov skips a RayJob (a CRD): ``rayjob`` scans its pod templates as Jobs, next to the
+    file's other objects (its NetworkPolicy).
+    """
     common = ["--skip-download", "--output", "json"]  # --skip-download: no network calls
+    ray_dir = tmp_path_factory.mktemp("checkov_rayjob")
+    others = [
+        d
+        for d in yaml.safe_load_all((K8S / "ray-index-job.yaml").read_text())
+        if d["kind"] != "RayJob"
+    ]
+    (ray_dir / "ray-index-job-pods.yaml").write_text(
+        yaml.safe_dump_all(ray_pods_as_jobs() + others)
+    )
     runs = {
         "kubernetes": ["-d", str(K8S), "--framework", "kubernetes"],
+        "rayjob": ["-d", str(ray_dir), "--framework", "kubernetes"],
         "dockerfile": [
             *(arg for path in DOCKERFILES.values() for arg in ("-f", str(path))),
             "--framework",
@@ -199,14 +268,29 @@ def test_checkov_kubernetes(checkov):
     report = checkov["kubernetes"]
     assert report["summary"]["parsing_errors"] == 0
     assert _findings(report) == []
+    _check_skips(report)
     # Every object was parsed (checkov also counts the pods it derives from the workloads), and
     # the workloads, where nearly all its policies apply, were checked.
     assert report["summary"]["resource_count"] >= len(k8s_documents())
     scanned = {Path(c["file_path"]).name for c in report["results"]["passed_checks"]}
     assert {"deployment.yaml", "seed-model-repository-job.yaml", "service.yaml"} <= scanned
+
+
+def _check_skips(report: dict) -> None:
     skipped = report["results"]["skipped_checks"]
     assert {c["check_id"] for c in skipped} <= ALLOWED_CHECKOV_SKIPS
     assert all(c["check_result"].get("suppress_comment", "").strip() for c in skipped)
+
+
+def test_checkov_ray_index_job_pods(checkov):
+    """The RayJob's pod templates pass checkov's workload policies (as Jobs, see the fixture)."""
+    report = checkov["rayjob"]
+    assert report["summary"]["parsing_errors"] == 0
+    assert _findings(report) == []
+    _check_skips(report)
+    scanned = {c["resource"] for c in report["results"]["passed_checks"]}
+    for job in ray_pods_as_jobs():
+        assert f"Job.edje.{job['metadata']['name']}" in scanned
 
 
 def test_checkov_dockerfiles(checkov):
@@ -220,19 +304,21 @@ def test_checkov_dockerfiles(checkov):
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_match_the_kubernetes_schema(version):
-    """Every core object is valid, strictly (an unknown or misspelt field fails)."""
+    """Every core object is valid, strictly (an unknown or misspelt field fails); a RayJob's pod
+    templates too, as the Jobs of ``ray_pods_as_jobs``."""
     import kubernetes_validate
 
     checked = 0
-    for path, doc in k8s_documents():
-        if doc["kind"] in ("Kustomization", "ServiceMonitor"):  # not core: checked below
+    derived = [(K8S / "ray-index-job.yaml", job) for job in ray_pods_as_jobs()]
+    for path, doc in k8s_documents() + derived:
+        if doc["kind"] in CUSTOM_KINDS:  # no schema here: see CUSTOM_KINDS for their checks
             continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{path.name} {doc['kind']} (Kubernetes {version}): {exc.message}")
         checked += 1
-    assert checked >= 10
+    assert checked >= 14
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +328,13 @@ def test_manifests_match_the_kubernetes_schema(version):
 def test_every_object_is_namespaced_and_listed_in_the_kustomization():
     kustomization = k8s_object("Kustomization")
     assert sorted(kustomization["resources"]) == sorted(
-        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+        p.name
+        for p in K8S.glob("*.yaml")
+        if p.name != "kustomization.yaml" and p.name not in STANDALONE
     )
+    # The others are applied by name, and docs/deploy.md says how.
+    for name in STANDALONE:
+        assert (K8S / name).is_file() and f"kubectl apply -f deploy/k8s/{name}" in DOCS.read_text()
     for path, doc in k8s_documents():
         if doc["kind"] not in ("Kustomization", "Namespace"):
             assert doc["metadata"]["namespace"] == "edje", path.name
@@ -325,7 +416,72 @@ def test_volumes_for_the_model_repository_and_the_token_bank():
     assert job["volumes"][0]["persistentVolumeClaim"]["claimName"] == "edje-model-repository"
     script = job["containers"][0]["command"][-1]
     assert script.rstrip().splitlines()[-2].startswith("cp /models/edje_manifest.json")
-    assert "/models/edje_manifest.json" in spec["initContainers"][0]["command"][-1]
+    wait = spec["initContainers"][0]["command"][-1]
+    assert "/models/edje_manifest.json" in wait
+    # A bank on the volume is a Lance dataset: waited for until it has a committed version.
+    assert f"{BANK_PATH}/_versions" in wait and "meta.json" not in wait
+    # Object-store credentials for a bank at a URI: from a Secret the pod starts without.
+    for source in server_container().get("envFrom", []):
+        assert source["secretRef"]["optional"] is True
+
+
+def test_ray_index_job():
+    """The KubeRay RayJob: `edje index --ray` through the Triton Service, pods locked down."""
+    rayjob = k8s_object("RayJob")
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    spec = rayjob["spec"]
+    # The entrypoint is a real `edje index --ray` command line, from a bucket to a bucket,
+    # encoding through the Service's gRPC port.
+    words = shlex.split(spec["entrypoint"])
+    assert words[0] == "edje"
+    args = edje_cli().parse_args(words[1:])
+    assert args.command == "index" and args.ray and args.workers >= 1
+    assert args.repository is None and args.protocol == "grpc"
+    service = k8s_object("Service")
+    grpc = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert (
+        args.url == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{grpc}"
+    )
+    assert "://" in args.paths[0] and "://" in args.collection
+    assert " ".join(words) in DOCS.read_text()  # docs/deploy.md shows the same command
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
+    # The cluster's Ray is the one the project pins in its `ray` extra (else the installed one).
+    pins = [
+        str(s.version)
+        for s in getattr(project_requirements("ray").get("ray"), "specifier", [])
+        if s.operator == "=="
+    ]
+    assert [spec["rayClusterSpec"]["rayVersion"]] == (pins or [metadata.version("ray")])
+
+    # Every pod locked down like the others; one image everywhere (Ray needs the same Ray and
+    # Python on every node).
+    images = set()
+    policy = k8s_object("NetworkPolicy", "edje-ray-index")
+    for role, template in ray_pod_templates().items():
+        pod = template["spec"]
+        assert pod["automountServiceAccountToken"] is False, role
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] >= 10000, role
+        assert context["seccompProfile"]["type"] == "RuntimeDefault", role
+        labels = template["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), role
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            images.add(container["image"])
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"])
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], container["name"]  # Ray's /tmp/ray
+            for source in container.get("envFrom", []):
+                assert source["secretRef"]["optional"] is True, container["name"]
+    assert len(images) == 1
+    # The Ray pods reach Triton: its policy admits the inference ports from this namespace.
+    triton = k8s_object("NetworkPolicy", "edje-triton")
+    assert {"podSelector": {}} in triton["spec"]["ingress"][0]["from"]
 
 
 def test_service_servicemonitor_and_network_policy_agree():
@@ -557,9 +713,10 @@ def test_onnx_models_load_in_the_containers_onnx_runtime(gpu_bank_repo):
 # What the Triton stage of Dockerfile.gpu installs; its Python models may import nothing else.
 IMPORT_GATE = textwrap.dedent(
     """
-    import importlib.abc, importlib.util, json, sys, types
+    import importlib.abc, importlib.util, json, sys, sysconfig, types
     allowed = set(json.loads(sys.argv[1]))
     stdlib = set(sys.stdlib_module_names) - {"tomllib"}  # tomllib is new in 3.11; Triton's is 3.10
+    stdlib.add(sysconfig._get_sysconfigdata_name())  # the interpreter's own build variables
 
     class Gate(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -576,6 +733,7 @@ IMPORT_GATE = textwrap.dedent(
         spec = importlib.util.spec_from_file_location("m" + str(len(sys.path)), model_py)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
         sys.path.pop(0)
+    import lance  # edje_bank imports it when the bank opens, not at import time
     """
 )
 
@@ -600,16 +758,24 @@ def _distribution_closure(names: list[str]) -> set[str]:
 def test_python_models_import_only_what_the_gpu_image_installs(gpu_bank_repo):
     stage = dockerfile_stages(DOCKERFILES["gpu"])["runtime"]
     (install,) = [r for r in instructions(stage, "RUN") if "pip install" in r]
-    pinned = re.findall(r"'([A-Za-z0-9_.-]+)==[^']+'", install)
-    assert {"numpy", "pillow", "tokenizers"} <= set(pinned)
-    assert "--no-deps /tmp/wheels/edje_triton-" in install  # edje_client, for edje_token_bank
+    pins = dict(re.findall(r"'([A-Za-z0-9_.-]+)==([^']+)'", install))
+    pinned = list(pins)
+    # pylance and pyarrow for edje_token_bank; never the project (nor its client package).
+    assert {"numpy", "pillow", "tokenizers", "pylance", "pyarrow"} <= set(pinned)
+    assert "edje_triton" not in install and "/wheels" not in install
+    # Within the project's own ranges (numpy<2, pyarrow<23, pylance>=14.0.2,<14.1).
+    requirements = project_requirements()
+    for name in ("numpy", "pyarrow", "pylance"):
+        assert requirements[name].specifier.contains(pins[name]), (name, pins[name])
     dists = _distribution_closure(pinned)
     modules = {
         module
         for module, owners in metadata.packages_distributions().items()
         if any(owner.lower().replace("_", "-") in dists for owner in owners)
     }
-    allowed = sorted(modules | {"edje_client", "edje_backend_utils", "tests"})
+    # The shared helpers the builder copies beside each model.py (edje_bank, ...).
+    helpers = {p.stem for p in (ROOT / "model_repository" / "_shared").glob("*.py")}
+    allowed = sorted(modules | helpers | {"tests"})
     model_files = sorted(str(p) for p in gpu_bank_repo.glob("*/1/model.py"))
     assert len(model_files) == 4  # preprocess, tokenizer, text tokenizer, token bank
     result = subprocess.run(

@@ -132,3 +132,23 @@ def test_cli_rerank_by_id(bank_server, capsys):
     by_id = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == by_id and len(by_id.splitlines()) == 4
+
+
+def test_bank_store_follows_appends_compaction_and_retries_a_failed_read(tmp_path):
+    from edje.bench_collections import load_bank_module
+
+    collection = ImageCollection(tmp_path / "c")
+    collection.add(*_entries(0, 10))
+    bank = load_bank_module().TokenBank(str(tmp_path / "c"), 1 << 30, (64, 384))
+    assert len(bank) == 10
+    collection.add(*_entries(10, 5))
+    bank.max_bytes = 10 * 64 * 384 * 2  # the new rows no longer fit
+    with pytest.raises(MemoryError, match="shard it"):
+        bank.refresh()
+    assert len(bank) == 10  # nothing half-read, and the next refresh tries again
+    bank.max_bytes = 1 << 30
+    assert bank.refresh() == 5 and len(bank) == 15
+    collection.optimize()  # a new version, the same rows: nothing to read, and no stale files
+    assert bank.refresh() == 0 and bank.dataset.version == collection.version
+    rows = np.array([14, 0, 7])
+    np.testing.assert_array_equal(bank.gather(rows), collection.tokens(rows))

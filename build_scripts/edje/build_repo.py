@@ -336,8 +336,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument(
         "--token-bank",
         default="",
-        metavar="STORE",
-        help="also serve edje_rank_by_id, ranking the images of this store by id",
+        metavar="COLLECTION",
+        help="also serve edje_rank_by_id, ranking the images of this collection (a path or a "
+        "dataset URI) by id",
+    )
+    out.add_argument(
+        "--max-bank-bytes",
+        type=int,
+        default=RepoSettings.max_bank_bytes,
+        help="refuse a token bank whose tokens exceed this (0: the machine's RAM or the "
+        "container's memory limit)",
     )
     return p.parse_args(argv)
 
@@ -359,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         intra_op_threads=args.intra_op_threads,
         max_image_pixels=args.max_image_pixels,
         token_bank=args.token_bank,
+        max_bank_bytes=args.max_bank_bytes,
         quantize_ranker=args.quantize_ranker,
     )
     try:

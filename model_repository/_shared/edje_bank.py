@@ -16,9 +16,25 @@ import numpy as np
 METADATA_KEY = b"edje"
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def physical_memory_bytes() -> int:
-    """This machine's RAM."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory this process may use: the machine's RAM, or its container's limit if lower.
+
+    A pod's memory limit (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``) is what an
+    oversized bank would run into, as an OOM kill; refusing it at load is clearer.
+    """
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
 
 
 class TokenBank:
@@ -74,23 +90,29 @@ class TokenBank:
         latest = self.dataset.latest_version
         if latest == self.dataset.version:
             return 0
-        self.dataset = self.dataset.checkout_version(latest)
-        return self._read_new_rows()
+        return self._read_new_rows(self.dataset.checkout_version(latest))
 
-    def _read_new_rows(self) -> int:
-        total = self.dataset.count_rows()
+    def _read_new_rows(self, dataset=None) -> int:
+        """Read the rows of ``dataset`` (default: the current one) past those in memory.
+
+        The bank moves to ``dataset`` only once its rows are in memory, so a failed read
+        (storage gone, too large) is retried by the next refresh instead of being skipped.
+        """
+        dataset = self.dataset if dataset is None else dataset
+        total = dataset.count_rows()
         new = total - self.rows
-        if new <= 0:
+        if new <= 0:  # e.g. a compaction: same rows, new files
+            self.dataset = dataset
             return 0
         size = total * self.shape[0] * self.shape[1] * 2
         if size > self.max_bytes:
             raise MemoryError(
                 f"token bank {self.uri} holds {size / 1e9:.1f} GB of tokens, more than the "
                 f"{self.max_bytes / 1e9:.1f} GB allowed (max_bank_bytes; default: this "
-                "machine's RAM): shard it across servers"
+                "machine's RAM or the container's memory limit): shard it across servers"
             )
         columns = ["tokens", "token_scales"] if self.int8 else ["tokens"]
-        table = self.dataset.to_table(columns=columns, offset=self.rows, limit=new)
+        table = dataset.to_table(columns=columns, offset=self.rows, limit=new)
         q, d = self.shape
         flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         if self.int8:
@@ -103,7 +125,7 @@ class TokenBank:
             grown[: self.rows] = self.tokens[: self.rows]
             self.tokens = grown
         self.tokens[self.rows : total] = block
-        self.rows = total
+        self.rows, self.dataset = total, dataset
         return new
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
