@@ -16,16 +16,14 @@ import sys
 
 import numpy as np
 import pytest
+import ray
 
-from edje_client import EDJEClient
+from edje_client import EDJEClient, distributed
+from edje_client.cli import find_images, main
 from edje_client.collection import ImageCollection
+from edje_client.distributed import index_with_ray, list_images
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
-
-from edje_client import distributed  # noqa: E402
-from edje_client.cli import find_images  # noqa: E402
-from edje_client.distributed import index_with_ray, list_images  # noqa: E402
 
 TEST_TIMEOUT_S = 120  # per test; the whole file takes about a minute on 2 busy cores
 CORRUPT = {"bad/garbage.jpg": b"this is not an image", "bad/truncated.png": None}
@@ -151,6 +149,17 @@ def test_in_process_without_a_server(local_ray, images, repo_dir, reference, tmp
 
     _check(tmp_path / "c", run(), good, reference)
     _rerun_skips_everything(run, good)
+
+
+def test_cli_ray_reports_rejected_images_and_exits_1(local_ray, images, repo_dir, tmp_path, capsys):
+    root, good = images
+    args = ["index", str(root), "--collection", str(tmp_path / "c"), "--ray"]
+    assert main([*args, "--repository", str(repo_dir), "--workers", "2"]) == 1
+    captured = capsys.readouterr()
+    assert f"indexed {len(good)} images" in captured.out and "2 rejected" in captured.out
+    assert all(f"{name}: cannot decode image" in captured.err for name in CORRUPT)
+    assert len(ImageCollection(tmp_path / "c", readonly=True)) == len(good)
+    assert main([*args, "--repository", str(repo_dir), "--url", "127.0.0.1:1"]) == 2
 
 
 def test_in_process_encoder_imports_neither_torch_nor_edje(images, repo_dir):

@@ -127,7 +127,7 @@ class ImageCollection:
             self.spec = CollectionSpec.from_schema(self._dataset.schema, self.uri)
             if spec is not None and self.spec.differences(spec):
                 raise CollectionMismatchError(
-                    f"collection {self.uri} does not match the server: "
+                    f"collection {self.uri} does not match the expected model and shape: "
                     + "; ".join(self.spec.differences(spec))
                     + " (index into a new collection, or serve the model that made this one)"
                 )
@@ -282,6 +282,7 @@ class ImageCollection:
             raise CollectionError(f"cannot write to collection {self.uri}: {exc}") from exc
 
     def _refuse_existing(self, ids: list[str]) -> None:
+        self.refresh()  # check against the newest version, not the one this object opened
         present = self.existing(ids)
         if present:
             first = next(i for i in ids if i in present)
