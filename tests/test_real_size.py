@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edje.configs import published_language_config, published_vision_config
+from edje.configuration import published_language_config, published_vision_config
 from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
 # SigLIP2 ViT-L/16 at 384 px and MiniLM-L12-H384-uncased, as in the published checkpoint.

@@ -39,11 +39,19 @@ from PIL import Image
 
 from edje.bench_collections import markdown_lines as gather_lines
 from edje.bench_collections import section_gather
-from edje.configs import published_language_config, published_vision_config
+from edje.configuration import (
+    MAX_TEXT_TOKENS,
+    EDJEConfig,
+    published_language_config,
+    published_vision_config,
+)
 
 log = logging.getLogger("edje.bench")
 
-Q, D, TEXT_LEN = 64, 384, 16
+PUBLISHED = EDJEConfig()  # the real-size shape contract: Q = 64, D = 384
+Q, D = PUBLISHED.token_shape
+TEXT_LEN = 16  # a typical query: [CLS] + 14 word pieces + [SEP]
+K_SERVED = 64  # candidates per request where the serving overhead is measured
 
 
 def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
@@ -155,7 +163,7 @@ def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
             [text] * 10,
             ["<image>" * ranking.num_compressed_tokens] * 10,
             truncation="only_first",
-            max_length=64 + ranking.num_compressed_tokens,
+            max_length=MAX_TEXT_TOKENS + ranking.num_compressed_tokens,
             padding="longest",
             return_tensors="np",
         )
@@ -337,12 +345,12 @@ def section_served(source, work: Path, seconds: float, ks, concurrencies) -> dic
     ) as server:
         # Serving overhead at equal batch: one client, K=64 pairs per request, vs raw ORT on
         # the same graph with the same (trimmed) pair layout the server computes.
-        k = 64
+        k = K_SERVED
         enc = tok(
             ["a red circle left of a blue square"] * k,
             ["<image>" * q] * k,
             truncation="only_first",
-            max_length=64 + q,
+            max_length=MAX_TEXT_TOKENS + q,
             padding="longest",
             return_tensors="np",
         )
@@ -382,7 +390,7 @@ def section_served(source, work: Path, seconds: float, ks, concurrencies) -> dic
                         cell["p50_ms"],
                     )
                     result["grid"].append(cell)
-        k, c = 64, 4
+        k, c = K_SERVED, 4
         tokens = _load(server.grpc_url, "grpc", rank_request(k, q, d), c, seconds)
         by_id = _load(server.grpc_url, "grpc", by_id_request(k, rows), c, seconds)
         result["by_id"] = {
@@ -487,7 +495,7 @@ def markdown(results: dict, command: str) -> str:
         "",
         "## 1. The ranker at real size (MiniLM-L12-H384, Q=64, random weights)",
         "",
-        f"Batch {r['batch']}, pair length {r['pair_length']} (16 text tokens + 64 image tokens + [SEP]); "
+        f"Batch {r['batch']}, pair length {r['pair_length']} ({TEXT_LEN} text tokens + {Q} image tokens + [SEP]); "
         f"{r['gflop_per_pair']:.2f} GFLOP per pair.",
         "",
         "| Engine | pairs/s |",

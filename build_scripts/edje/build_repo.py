@@ -46,7 +46,6 @@ BANK_MODELS = {"edje_token_bank": "edje_token_bank"}
 BANK_ENSEMBLES = ("edje_rank_by_id",)
 ONNX_MODELS = ("edje_vision_adapter", "edje_ranker", "edje_text_encoder")
 ENSEMBLES = ("edje_index", "edje_rank", "edje_text_embed")
-MAX_TEXT_LENGTH = 64
 
 TENSORRT_FP16 = """optimization { execution_accelerators { gpu_execution_accelerator: [ {
   name: "tensorrt"
@@ -179,14 +178,7 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
             f"text embedding width {text_model.config.projection_size} differs from the image "
             f"embedding width {embedding_dim}: they must share one space"
         )
-    dims = {
-        "image_size": indexing.image_size,
-        "num_tokens": source.num_compressed_tokens,
-        "token_width": ranking.language_model.config.hidden_size,
-        "embedding_dim": embedding_dim,
-        "pair_length": source.max_text_tokens + source.num_compressed_tokens,
-        "text_length": min(text_tokenizer.model_max_length, MAX_TEXT_LENGTH),
-    }
+    dims = source.edje_config(indexing, ranking, text_tokenizer).dims()
     values = template_values(source, settings, dims, tokenizer, text_tokenizer)
     python_models = {**PYTHON_MODELS, **(BANK_MODELS if settings.token_bank else {})}
     ensembles = (*ENSEMBLES, *(BANK_ENSEMBLES if settings.token_bank else ()))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from edje.bench import TEXT_LEN, Q, pair_inputs
-from edje.configs import published_language_config
+from edje.configuration import published_language_config
 
 
 def torch_bf16(model, feeds: dict, seconds: float) -> float:

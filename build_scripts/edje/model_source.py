@@ -22,6 +22,12 @@ import torch
 from transformers import AutoConfig, SiglipTextModel
 
 from edje.checkpoint import LoadReport, load_into, read_state_dict
+from edje.configuration import (
+    MAX_TEXT_TOKENS,
+    PUBLISHED_NUM_TOKENS,
+    QUERY_TOKENS,
+    EDJEConfig,
+)
 from edje.modeling import (
     ADAPTER_MLP_DIM,
     IMAGE_TOKEN,
@@ -40,10 +46,10 @@ class ModelSource:
     siglip_path: str
     language_model_path: str
     checkpoint: str
-    num_compressed_tokens: int = 64
+    num_compressed_tokens: int = PUBLISHED_NUM_TOKENS
     projection_type: str = PROJECTION_COMPRESSED
     adapter_mlp_dim: int = ADAPTER_MLP_DIM
-    max_text_tokens: int = 64
+    max_text_tokens: int = MAX_TEXT_TOKENS
     description: str = ""
     random_weights: bool = False
 
@@ -68,6 +74,20 @@ class ModelSource:
         config = {f.name: getattr(self, f.name) for f in fields(self)}
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+    def edje_config(self, indexing, ranking, text_tokenizer) -> EDJEConfig:
+        """The shape contract of the models built from this source (see :mod:`configuration`)."""
+        return EDJEConfig(
+            num_compressed_tokens=ranking.num_compressed_tokens,
+            token_width=ranking.language_model.config.hidden_size,
+            embedding_dim=indexing.vision_encoder.config.hidden_size,
+            image_size=indexing.image_size,
+            max_text_tokens=self.max_text_tokens,
+            query_tokens=min(text_tokenizer.model_max_length, QUERY_TOKENS),
+            projection_type=self.projection_type,
+            adapter_mlp_dim=self.adapter_mlp_dim,
+            image_token_id=ranking.image_token_id,
+        )
 
     @cached_property
     def model_id(self) -> str:

@@ -20,6 +20,7 @@ from transformers import (
     SiglipModel,
 )
 
+from edje.configuration import MAX_TEXT_TOKENS, PUBLISHED_NUM_TOKENS, QUERY_TOKENS
 from edje.model_source import ModelSource
 from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
@@ -91,9 +92,9 @@ class TinySpec:
     language_layers: int = 2
     language_heads: int = 6
     language_intermediate: int = 512
-    num_compressed_tokens: int = 64
+    num_compressed_tokens: int = PUBLISHED_NUM_TOKENS
     adapter_mlp_dim: int = 256
-    max_text_tokens: int = 64
+    max_text_tokens: int = MAX_TEXT_TOKENS
 
 
 def make_vocab(words: list[str] = BASIC_WORDS) -> dict[str, int]:
@@ -152,7 +153,7 @@ def make_tiny_source(
             intermediate_size=spec.text_width * 4,
             num_hidden_layers=spec.text_layers,
             num_attention_heads=4,
-            max_position_embeddings=64,
+            max_position_embeddings=QUERY_TOKENS,
         ),
     )
     siglip_config.save_pretrained(out / "siglip")
