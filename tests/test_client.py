@@ -27,19 +27,21 @@ from edje_client import (
     ModelNotReadyError,
     RerankResult,
     ServerError,
+    _core,
 )
 from edje_client._core import (
     Endpoint,
     RetryPolicy,
     ServerSpec,
     check_server_state,
+    embed_texts_plan,
+    rerank_plan,
     sigmoid,
-    text_calls,
 )
 from edje_client.cli import main
 from edje_client.collection import ImageCollection
-from edje_client.errors import as_edje_error
-from edje_client.server import find_free_port
+from edje_client.errors import LaunchError, as_edje_error
+from edje_client.server import TritonServer, find_free_port
 
 MODULES = {"http": httpclient, "grpc": grpcclient}
 TEXTS = ["a red circle left of a blue square", "dog", "", "the cat sleeping on a sofa " * 4]
@@ -166,7 +168,7 @@ def test_rerank_sorts_by_score_and_truncates(client):
     scores = client.score("a red circle", tokens)
     order = np.argsort(-scores, kind="stable")
 
-    results = client.rerank("a red circle", tokens, ids=ids)
+    results = client.rerank("a red circle", tokens, labels=ids)
     assert [r.index for r in results] == order.tolist()
     assert [r.id for r in results] == [ids[i] for i in order]
     np.testing.assert_allclose([r.score for r in results], scores[order], rtol=1e-5, atol=1e-5)
@@ -188,7 +190,7 @@ def test_rerank_collection(client, tmp_path):
     some = client.rerank_collection("dog", collection, ids=["img4.png", "img1.png"], top_n=1)
     with pytest.raises(InvalidInputError, match="unknown id 'nope'"):
         client.rerank_collection("dog", collection, ids=["nope"])
-    direct = client.rerank("dog", tokens, ids=ids)
+    direct = client.rerank("dog", tokens, labels=ids)
     assert [(r.index, r.id) for r in everything] == [(r.index, r.id) for r in direct]
     assert len(some) == 1 and some[0].id == ["img4.png", "img1.png"][some[0].index]
 
@@ -217,7 +219,18 @@ def test_a_required_model_that_is_not_ready_is_named():
 def test_embed_texts_needs_the_optional_model():
     spec = ServerSpec(num_tokens=4, token_width=8, embedding_dim=2, index_batch=2, rank_batch=2)
     with pytest.raises(ModelNotReadyError, match="edje_text_embed"):
-        text_calls(["dog"], spec)
+        embed_texts_plan(spec, ["dog"])
+
+
+def test_a_plan_checks_the_tokens_once_and_merges_in_call_order(monkeypatch):
+    spec = ServerSpec(num_tokens=2, token_width=3, embedding_dim=2, index_batch=2, rank_batch=2)
+    checked, as_tokens = [], _core.as_tokens
+    monkeypatch.setattr(_core, "as_tokens", lambda *a: checked.append(1) or as_tokens(*a))
+    plan = rerank_plan(spec, "dog", np.zeros((5, 2, 3), np.float32), 2, False, list("abcde"))
+    assert checked == [1] and [c.size for c in plan.calls] == [2, 2, 1] and plan.unit == "pair"
+    scores = ([[0.0], [3.0]], [[1.0], [2.0]], [[5.0]])
+    results = plan.merge([{"score": np.array(s, np.float32)} for s in scores])
+    assert [(r.index, r.id, r.score) for r in results] == [(4, "e", 5.0), (1, "b", 3.0)]
 
 
 # ------------------------------------------------------------------ async twin
@@ -293,8 +306,8 @@ def test_client_side_validation(client, tmp_path):
         client.score("dog", nan)
     with pytest.raises(InvalidInputError, match="2 texts for 1"):
         client.score(["a", "b"], np.zeros((1, q, d), np.float16))
-    with pytest.raises(InvalidInputError, match="ids"):
-        client.rerank("dog", np.zeros((2, q, d), np.float16), ids=["only-one"])
+    with pytest.raises(InvalidInputError, match="labels"):
+        client.rerank("dog", np.zeros((2, q, d), np.float16), labels=["only-one"])
     with pytest.raises(InvalidInputError, match="cannot read"):
         client.index([tmp_path / "missing.png"])
 
@@ -510,6 +523,13 @@ def test_cli_usage_and_connection_errors(tmp_path, capsys):
     assert main([*args, "--url", address]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach" in err and "Traceback" not in err
+
+
+def test_launch_errors_are_edje_errors(tmp_path):
+    server = TritonServer(tmp_path / "missing", http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(LaunchError, match="model repository not found") as info:
+        server.start()
+    assert isinstance(info.value, EDJEError) and server.process is None
 
 
 def test_cli_serve_refuses_a_taken_port(repo_dir, capsys):

@@ -49,7 +49,7 @@ def test_rank_by_id_equals_token_passing(bank_server, protocol):
     with EDJEClient(server.url(protocol), protocol) as client:
         assert client.bank_holds(collection)
         rows = np.array([3, 0, 39, 7, 7])
-        by_id = client.score_ids("a red circle left of a blue square", rows)
+        by_id = client.score_rows("a red circle left of a blue square", rows)
         by_tokens = client.score("a red circle left of a blue square", collection.tokens(rows))
         np.testing.assert_allclose(by_id, by_tokens, rtol=1e-5, atol=1e-6)
         auto = client.rerank_collection("dog", collection, top_n=5)
@@ -68,8 +68,8 @@ def test_unknown_ids_are_invalid_arg_and_named(bank_server, protocol):
     with EDJEClient(server.url(protocol), protocol) as client:
         for bad in ([1, N + 5], [-1]):
             with pytest.raises(InvalidInputError, match=f"unknown image id {bad[-1]}"):
-                client.score_ids("dog", np.array(bad))
-        assert client.score_ids("dog", np.array([1])).shape == (1,)  # still serving
+                client.score_rows("dog", np.array(bad))
+        assert client.score_rows("dog", np.array([1])).shape == (1,)  # still serving
 
 
 def test_new_images_become_rankable_without_restart(bank_server):
@@ -80,7 +80,7 @@ def test_new_images_become_rankable_without_restart(bank_server):
         with EDJEClient(server.grpc_url) as client:
             while not stop.is_set():
                 try:
-                    client.score_ids("dog", np.arange(0, N, 5))
+                    client.score_rows("dog", np.arange(0, N, 5))
                     calls[0] += 1
                 except Exception as exc:  # noqa: BLE001 - every failure counts
                     failures.append(exc)
@@ -95,7 +95,10 @@ def test_new_images_become_rankable_without_restart(bank_server):
                 collection.add(ids, tokens, emb)  # committed: visible from the next request
                 rows = np.arange(start, start + 10)
                 np.testing.assert_allclose(
-                    client.score_ids("dog", rows), client.score("dog", tokens), rtol=1e-5, atol=1e-6
+                    client.score_rows("dog", rows),
+                    client.score("dog", tokens),
+                    rtol=1e-5,
+                    atol=1e-6,
                 )
                 time.sleep(0.2)
     finally:

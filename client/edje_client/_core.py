@@ -1,7 +1,10 @@
 """Protocol-agnostic logic shared by :class:`EDJEClient` and :class:`AsyncEDJEClient`.
 
-Building requests, parsing responses, validation, chunking, ranking and the retry policy live
-here; the two clients only send the requests (threads or asyncio) and wait.
+Every public call of a client is built here once, as a :class:`Plan` (its requests, the merge of
+their outputs, the progress unit) by one builder per method (``index_plan``, ``score_plan`` ...,
+``rerank_collection_plan``), which validates every argument first. Connecting is two rounds of
+:class:`Rpc` (:func:`connect_probes`, :func:`config_requests`). Parsing, chunking, ranking and
+the retry policy live here too; the two clients only send (threads or asyncio) and wait.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ import importlib
 import io
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -29,7 +34,7 @@ from edje_client.errors import (
 from edje_client.results import IndexResult, RerankResult
 
 if TYPE_CHECKING:
-    from edje_client.collection import CollectionSpec
+    from edje_client.collection import CollectionSpec, ImageCollection
 
 INDEX_MODEL = "edje_index"
 RANK_MODEL = "edje_rank"
@@ -38,11 +43,16 @@ BY_ID_MODEL = "edje_rank_by_id"
 BANK_MODEL = "edje_token_bank"
 MODELS = (INDEX_MODEL, RANK_MODEL)  # required
 OPTIONAL_MODELS = (TEXT_MODEL, BY_ID_MODEL, BANK_MODEL)  # used when the server has them
+KNOWN_MODELS = MODELS + OPTIONAL_MODELS
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
 ImageLike = str | os.PathLike | bytes | Image.Image
 TokensLike = np.ndarray | Sequence[np.ndarray]
+Outputs = dict[str, np.ndarray]
+Input = tuple[str, np.ndarray, str]  # (name, array, Triton datatype)
+R = TypeVar("R")
+S = TypeVar("S")
 
 # PIL modes PNG stores as they are; any other mode is converted to RGB first.
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
@@ -94,6 +104,19 @@ class Endpoint:
     def config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``get_model_config`` that make both protocols return a dict."""
         return {"as_json": True, **self.call_kwargs} if self.protocol == "grpc" else {}
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """One method call on a tritonclient client, the same for the sync and the async client."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, client: Any) -> Any:
+        """``client.method(*args, **kwargs)`` (an awaitable on an ``.aio`` client)."""
+        return getattr(client, self.method)(*self.args, **self.kwargs)
 
 
 def check_server_state(endpoint: Endpoint, live: bool, ready: dict[str, bool]) -> None:
@@ -196,13 +219,45 @@ class ServerSpec:
             self.num_tokens, self.token_width, self.embedding_dim, token_dtype, self.model_id
         )
 
+    def bank_holds(self, collection: ImageCollection) -> bool:
+        """True when the server's token bank is ``collection`` (same path, or same URI)."""
+        bank = self.bank_path
+        if not bank:
+            return False
+        if "://" in bank or "://" in collection.uri:
+            return bank.rstrip("/") == collection.uri.rstrip("/")
+        return Path(bank).resolve() == collection.path.resolve()
+
+
+def connect_probes(endpoint: Endpoint) -> list[Rpc]:
+    """Connecting, round one: is the server live, and is each of :data:`KNOWN_MODELS` ready."""
+    kwargs = endpoint.call_kwargs
+    ready = [Rpc("is_model_ready", (model,), kwargs) for model in KNOWN_MODELS]
+    return [Rpc("is_server_live", (), kwargs), *ready]
+
+
+def config_requests(endpoint: Endpoint, answers: Sequence[bool]) -> list[Rpc]:
+    """Round two: check round one's ``answers``, then ask for the ready models' configurations."""
+    live, *ready = answers
+    ready_models = dict(zip(KNOWN_MODELS, ready, strict=True))
+    check_server_state(endpoint, live, ready_models)
+    kwargs = endpoint.config_kwargs
+    return [Rpc("get_model_config", (m,), kwargs) for m in KNOWN_MODELS if ready_models[m]]
+
+
+def read_spec(requests: Sequence[Rpc], configs: Sequence[dict[str, Any]]) -> ServerSpec:
+    """The :class:`ServerSpec` in the answers to :func:`config_requests`."""
+    return ServerSpec.from_configs(
+        {rpc.args[0]: c for rpc, c in zip(requests, configs, strict=True)}
+    )
+
 
 @dataclass(frozen=True)
 class Call:
     """One inference request, independent of protocol and of sync/async."""
 
     model: str
-    inputs: tuple[tuple[str, np.ndarray, str], ...]
+    inputs: tuple[Input, ...]
     outputs: tuple[str, ...]
 
     @property
@@ -210,17 +265,19 @@ class Call:
         """Rows in the request (for progress bars)."""
         return len(self.inputs[0][1])
 
-    def infer_args(self, module: ModuleType) -> dict[str, Any]:
-        """Keyword arguments of ``InferenceServerClient.infer`` built with ``module``'s classes."""
+    def rpc(self, endpoint: Endpoint) -> Rpc:
+        """The ``infer`` call, built with ``endpoint``'s protocol classes and deadline."""
+        module = endpoint.module
         inputs = []
         for name, array, dtype in self.inputs:
             tensor = module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         outputs = [module.InferRequestedOutput(name) for name in self.outputs]
-        return {"model_name": self.model, "inputs": inputs, "outputs": outputs}
+        kwargs = {"model_name": self.model, "inputs": inputs, "outputs": outputs}
+        return Rpc("infer", (), {**kwargs, **endpoint.call_kwargs})
 
-    def parse(self, result: Any) -> dict[str, np.ndarray]:
+    def parse(self, result: Any) -> Outputs:
         """Output name -> array of an ``InferResult``."""
         arrays = {name: result.as_numpy(name) for name in self.outputs}
         missing = [name for name, array in arrays.items() if array is None]
@@ -229,14 +286,69 @@ class Call:
         return arrays
 
 
+@dataclass(frozen=True)
+class Plan(Generic[R]):
+    """One public call, built once: its requests, how their outputs become the result, and
+    what one row of the progress bar is called.
+
+    A client sends ``calls`` (several in flight) and hands their outputs, in call order, to
+    ``merge``. The builders (``*_plan``, one per client method, each taking the
+    :class:`ServerSpec` first) check every argument before anything is sent, so both clients
+    validate the same way, once.
+    """
+
+    calls: tuple[Call, ...]
+    merge: Callable[[list[Outputs]], R]
+    unit: str
+
+    def then(self, finish: Callable[[R], S]) -> Plan[S]:
+        """The same requests, with ``finish`` applied to the merged result."""
+        merge = self.merge
+        return Plan(self.calls, lambda outputs: finish(merge(outputs)), self.unit)
+
+    def progress_bar(self, enabled: bool) -> tqdm:
+        """A tqdm bar over the rows of the calls (disabled unless ``enabled``)."""
+        total = sum(call.size for call in self.calls)
+        return tqdm(total=total, disable=not enabled, unit=self.unit, leave=False)
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _split(
+    model: str,
+    batch: int,
+    inputs: tuple[Input, ...],
+    outputs: tuple[str, ...],
+    shared: tuple[Input, ...] = (),
+) -> tuple[Call, ...]:
+    """Requests of at most ``batch`` rows: ``inputs`` are cut by rows, ``shared`` sent whole."""
+    pieces = _chunks(len(inputs[0][1]), batch)
+    return tuple(
+        Call(model, tuple((name, a[s], dtype) for name, a, dtype in inputs) + shared, outputs)
+        for s in pieces
+    )
+
+
+def _concat(outputs: list[Outputs], name: str, empty: np.ndarray) -> np.ndarray:
+    """Output ``name`` of every request, in request order (``empty`` sets shape and dtype)."""
+    return np.concatenate([empty, *(o[name] for o in outputs)])
+
+
+def _scores(name: str) -> Callable[[list[Outputs]], np.ndarray]:
+    """The merge of a scoring model: output ``name`` ``[n, 1]`` of every request as float32 [N]."""
+    return lambda outputs: _concat(outputs, name, np.zeros((0, 1), np.float32))[:, 0]
 
 
 def _bytes_column(items: Sequence[bytes]) -> np.ndarray:
     column = np.empty((len(items), 1), dtype=object)
     column[:, 0] = list(items)
     return column
+
+
+def _text_column(texts: Sequence[str]) -> np.ndarray:
+    return _bytes_column([t.encode("utf-8") for t in texts])
 
 
 def encode_image(item: ImageLike) -> bytes:
@@ -256,35 +368,6 @@ def encode_image(item: ImageLike) -> bytes:
             raise InvalidInputError(f"cannot read image {os.fspath(item)!r}: {exc}") from exc
     raise InvalidInputError(
         f"an image must be a path, bytes or a PIL image, got {type(item).__name__}"
-    )
-
-
-def index_calls(images: Sequence[ImageLike], spec: ServerSpec) -> list[Call]:
-    """``edje_index`` requests for ``images``, at most the server's max batch size each."""
-    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
-        raise InvalidInputError("images must be a list (wrap a single image in a list)")
-    payloads = [encode_image(item) for item in images]
-    return [
-        Call(
-            INDEX_MODEL,
-            (("image", _bytes_column(payloads[s]), "BYTES"),),
-            ("compressed_tokens", "image_embedding"),
-        )
-        for s in _chunks(len(payloads), spec.index_batch)
-    ]
-
-
-def _concat(outputs: list[dict[str, np.ndarray]], name: str, empty: np.ndarray) -> np.ndarray:
-    """Output ``name`` of every request, in request order (``empty`` sets shape and dtype)."""
-    return np.concatenate([empty, *(o[name] for o in outputs)])
-
-
-def merge_index(outputs: list[dict[str, np.ndarray]], spec: ServerSpec) -> IndexResult:
-    """Concatenate per-request ``edje_index`` outputs."""
-    no_tokens = np.zeros((0, spec.num_tokens, spec.token_width), np.float16)
-    return IndexResult(
-        _concat(outputs, "compressed_tokens", no_tokens),
-        _concat(outputs, "image_embedding", np.zeros((0, spec.embedding_dim), np.float32)),
     )
 
 
@@ -323,75 +406,14 @@ def as_texts(texts: str | Sequence[str], n: int) -> list[str]:
     return texts
 
 
-def rank_calls(texts: str | Sequence[str], tokens: TokensLike, spec: ServerSpec) -> list[Call]:
-    """``edje_rank`` requests scoring each text against its token block."""
-    array = as_tokens(tokens, spec)
-    encoded = [t.encode("utf-8") for t in as_texts(texts, len(array))]
-    return [
-        Call(
-            RANK_MODEL,
-            (("text", _bytes_column(encoded[s]), "BYTES"), ("compressed_tokens", array[s], "FP16")),
-            ("score",),
-        )
-        for s in _chunks(len(array), spec.rank_batch)
-    ]
-
-
-def merge_scores(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Concatenate per-request ``edje_rank`` scores into float32 ``[N]``."""
-    return _concat(outputs, "score", np.zeros((0, 1), np.float32))[:, 0]
-
-
-def text_calls(texts: Sequence[str], spec: ServerSpec) -> list[Call]:
-    """``edje_text_embed`` requests for ``texts``."""
-    if spec.text_batch is None:
-        raise ModelNotReadyError(f"the server has no {TEXT_MODEL!r} model to embed texts")
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a list (wrap a single text in a list)")
-    encoded = [t.encode("utf-8") for t in as_texts(texts, len(texts))]
-    return [
-        Call(TEXT_MODEL, (("text", _bytes_column(encoded[s]), "BYTES"),), ("text_embedding",))
-        for s in _chunks(len(encoded), spec.text_batch)
-    ]
-
-
-def id_calls(query: str, image_ids: Sequence[int] | np.ndarray, spec: ServerSpec) -> list[Call]:
-    """``edje_rank_by_id`` requests: one query against the bank rows ``image_ids``."""
-    if spec.bank_batch is None:
-        raise ModelNotReadyError(f"the server has no token bank ({BY_ID_MODEL!r})")
-    if not isinstance(query, str):
-        raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
-    ids = np.asarray(image_ids)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-        raise InvalidInputError(
-            f"image ids must be a 1-D integer array, got {ids.dtype} {ids.shape}"
-        )
-    ids = ids.astype(np.int64)
-    text = np.array([query.encode("utf-8")], dtype=object)
-    return [
-        Call(BY_ID_MODEL, (("image_ids", ids[s], "INT64"), ("text", text, "BYTES")), ("scores",))
-        for s in _chunks(len(ids), spec.bank_batch)
-    ]
-
-
-def merge_id_scores(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Concatenate per-request ``edje_rank_by_id`` scores into float32 ``[N]``."""
-    return _concat(outputs, "scores", np.zeros((0, 1), np.float32))[:, 0]
-
-
-def merge_text_embeddings(outputs: list[dict[str, np.ndarray]], spec: ServerSpec) -> np.ndarray:
-    """Concatenate per-request ``edje_text_embed`` outputs into float32 ``[N, E]``."""
-    return _concat(outputs, "text_embedding", np.zeros((0, spec.embedding_dim), np.float32))
-
-
-def check_rerank_args(query: str, n: int, top_n: int | None, ids: Sequence[str] | None) -> None:
-    """Raise :class:`InvalidInputError` for a bad ``rerank`` query, ``top_n`` or ``ids``."""
+def check_rerank_args(query: str, n: int, top_n: int | None, labels: Sequence[str] | None) -> None:
+    """Raise :class:`InvalidInputError` for a bad query, ``top_n`` or ``labels`` of a re-rank."""
     if not isinstance(query, str):
         raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise InvalidInputError(f"top_n must be a non-negative int or None, got {top_n!r}")
-    if ids is not None and len(ids) != n:
-        raise InvalidInputError(f"got {len(ids)} ids for {n} documents")
+    if labels is not None and len(labels) != n:
+        raise InvalidInputError(f"got {len(labels)} labels for {n} documents")
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -400,12 +422,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def rank_results(
-    scores: np.ndarray, top_n: int | None, probabilities: bool, ids: Sequence[str] | None
+    scores: np.ndarray, top_n: int | None, probabilities: bool, labels: Sequence[str] | None
 ) -> list[RerankResult]:
-    """Results sorted best first (ties keep document order), cut to ``top_n``."""
+    """Results sorted best first (ties keep document order), cut to ``top_n``.
+
+    ``labels[i]`` becomes the ``id`` of document ``i``'s result.
+    """
     order = np.argsort(-scores, kind="stable")[:top_n]
     values = sigmoid(scores) if probabilities else scores
-    return [RerankResult(int(i), float(values[i]), None if ids is None else ids[i]) for i in order]
+    return [
+        RerankResult(int(i), float(values[i]), None if labels is None else labels[i]) for i in order
+    ]
 
 
 def collection_rows(collection: Any, ids: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
@@ -424,9 +451,126 @@ def collection_rows(collection: Any, ids: Sequence[str] | None) -> tuple[list[st
         raise InvalidInputError(str(exc.args[0])) from exc
 
 
-def progress_bar(calls: list[Call], enabled: bool, unit: str) -> tqdm:
-    """A tqdm bar over the rows of ``calls`` (disabled unless ``enabled``)."""
-    return tqdm(total=sum(c.size for c in calls), disable=not enabled, unit=unit, leave=False)
+def bank_or_tokens(
+    collection: ImageCollection,
+    rows: np.ndarray,
+    by_id: bool | None,
+    bank_holds: Callable[[ImageCollection], bool],
+    by_rows: Callable[[np.ndarray], R],
+    by_tokens: Callable[[np.ndarray], R],
+) -> R:
+    """Score ``rows`` of a collection the one way EDJE chooses: ``by_rows(rows)`` (the server's
+    token bank reads the tokens) when ``by_id`` (default: when ``bank_holds(collection)``), else
+    ``by_tokens`` of the rows' tokens.
+
+    ``by_rows`` and ``by_tokens`` are a client's ``score_rows`` and ``score`` with the query
+    bound, or the builders of their plans.
+    """
+    use_bank = bank_holds(collection) if by_id is None else by_id
+    return by_rows(rows) if use_bank else by_tokens(collection.tokens(rows))
+
+
+# ---------------------------------------------------------------- the builders, one per method
+
+
+def index_plan(spec: ServerSpec, images: Sequence[ImageLike]) -> Plan[IndexResult]:
+    """:meth:`EDJEClient.index`: ``edje_index`` requests, the server's max batch size each."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+        raise InvalidInputError("images must be a list (wrap a single image in a list)")
+    payloads = _bytes_column([encode_image(item) for item in images])
+    outputs = ("compressed_tokens", "image_embedding")
+    calls = _split(INDEX_MODEL, spec.index_batch, (("image", payloads, "BYTES"),), outputs)
+    no_tokens = np.zeros((0, spec.num_tokens, spec.token_width), np.float16)
+    no_embeddings = np.zeros((0, spec.embedding_dim), np.float32)
+
+    def merge(outputs: list[Outputs]) -> IndexResult:
+        return IndexResult(
+            _concat(outputs, "compressed_tokens", no_tokens),
+            _concat(outputs, "image_embedding", no_embeddings),
+        )
+
+    return Plan(calls, merge, "img")
+
+
+def score_plan(
+    spec: ServerSpec, texts: str | Sequence[str], tokens: TokensLike
+) -> Plan[np.ndarray]:
+    """:meth:`EDJEClient.score`: ``edje_rank`` requests, each text against its token block."""
+    return _pairs(spec, texts, as_tokens(tokens, spec))
+
+
+def _pairs(spec: ServerSpec, texts: str | Sequence[str], tokens: np.ndarray) -> Plan[np.ndarray]:
+    """:func:`score_plan` of tokens that :func:`as_tokens` has already checked."""
+    encoded = _text_column(as_texts(texts, len(tokens)))
+    inputs = (("text", encoded, "BYTES"), ("compressed_tokens", tokens, "FP16"))
+    return Plan(_split(RANK_MODEL, spec.rank_batch, inputs, ("score",)), _scores("score"), "pair")
+
+
+def embed_texts_plan(spec: ServerSpec, texts: Sequence[str]) -> Plan[np.ndarray]:
+    """:meth:`EDJEClient.embed_texts`: ``edje_text_embed`` requests, float32 ``[N, E]``."""
+    if spec.text_batch is None:
+        raise ModelNotReadyError(f"the server has no {TEXT_MODEL!r} model to embed texts")
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list (wrap a single text in a list)")
+    encoded = _text_column(as_texts(texts, len(texts)))
+    calls = _split(TEXT_MODEL, spec.text_batch, (("text", encoded, "BYTES"),), ("text_embedding",))
+    empty = np.zeros((0, spec.embedding_dim), np.float32)
+    return Plan(calls, lambda outputs: _concat(outputs, "text_embedding", empty), "text")
+
+
+def score_rows_plan(
+    spec: ServerSpec, query: str, rows: Sequence[int] | np.ndarray
+) -> Plan[np.ndarray]:
+    """:meth:`EDJEClient.score_rows`: ``edje_rank_by_id``, ``query`` against rows of the bank.
+
+    A collection's rows are the token bank's integer image ids (its input ``image_ids``).
+    """
+    if spec.bank_batch is None:
+        raise ModelNotReadyError(f"the server has no token bank ({BY_ID_MODEL!r})")
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
+    array = np.asarray(rows)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise InvalidInputError(
+            f"rows must be a 1-D integer array, got {array.dtype} {array.shape}"
+        )
+    inputs = (("image_ids", array.astype(np.int64), "INT64"),)
+    text = (("text", np.array([query.encode("utf-8")], dtype=object), "BYTES"),)
+    calls = _split(BY_ID_MODEL, spec.bank_batch, inputs, ("scores",), shared=text)
+    return Plan(calls, _scores("scores"), "pair")
+
+
+def rerank_plan(
+    spec: ServerSpec,
+    query: str,
+    documents: TokensLike,
+    top_n: int | None,
+    return_probabilities: bool,
+    labels: Sequence[str] | None,
+) -> Plan[list[RerankResult]]:
+    """:meth:`EDJEClient.rerank`: the ``edje_rank`` requests of :func:`score_plan`, ranked."""
+    tokens = as_tokens(documents, spec)
+    check_rerank_args(query, len(tokens), top_n, labels)
+    rank = partial(rank_results, top_n=top_n, probabilities=return_probabilities, labels=labels)
+    return _pairs(spec, query, tokens).then(rank)
+
+
+def rerank_collection_plan(
+    spec: ServerSpec,
+    query: str,
+    collection: ImageCollection,
+    ids: Sequence[str] | None,
+    top_n: int | None,
+    return_probabilities: bool,
+    by_id: bool | None,
+) -> Plan[list[RerankResult]]:
+    """:meth:`EDJEClient.rerank_collection`: the images ``ids``, by row or by tokens, ranked."""
+    ids, rows = collection_rows(collection, ids)
+    check_rerank_args(query, len(rows), top_n, ids)
+    by_rows, by_tokens = partial(score_rows_plan, spec, query), partial(score_plan, spec, query)
+    plan = bank_or_tokens(collection, rows, by_id, spec.bank_holds, by_rows, by_tokens)
+    rank = partial(rank_results, top_n=top_n, probabilities=return_probabilities, labels=ids)
+    return plan.then(rank)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ A *collection* (``--collection``, alias ``--store``) is an
 :class:`~edje_client.collection.ImageCollection`: one Lance dataset, in a local directory or at an
 object-store URI, holding each image's id, EDJE tokens, first-stage embedding and path.
 
-Exit codes: 0 success, 1 an error (server, network, some images rejected), 2 a usage error.
+Exit codes: 0 success, 1 an error (any :class:`~edje_client.errors.EDJEError`: server, network,
+collection, launch; some images rejected), 2 a usage error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from edje_client.collection_cli import (
     open_collection,
     storage_options,
 )
-from edje_client.errors import EDJEError, InvalidInputError
+from edje_client.errors import EDJEError, InvalidInputError, LaunchError
 from edje_client.evaluation import KarpathyDataset, evaluate_with_client, markdown_table
 from edje_client.results import IndexResult
 from edje_client.search import search
 from edje_client.server import DEFAULT_HOST, TritonServer
-from edje_client.server import ServerError as LaunchError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SHOWN_FAILURES = 5
@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except LaunchError as err:
             if server.process is None:  # refused before launch: a taken port, a bad path
                 raise UsageError(str(err)) from err
-            raise EDJEError(str(err)) from err
+            raise
         print(
             f"serving {repository}\n"
             f"  HTTP     http://{server.http_url}\n"
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         while not stop.wait(0.5):
             if server.process.poll() is not None:
-                raise EDJEError(
+                raise LaunchError(
                     f"tritonserver exited with code {server.process.returncode}:\n"
                     f"{server.log_tail()}"
                 )
@@ -534,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (EDJEError, LookupError) as err:
+    except EDJEError as err:
         print(f"edje {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

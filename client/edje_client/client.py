@@ -1,7 +1,10 @@
 """Sync and async clients for the EDJE ensembles ``edje_index`` and ``edje_rank`` on Triton.
 
-Both clients build their requests with :mod:`edje_client._core`; :class:`EDJEClient` keeps up to
-``concurrency`` of them in flight with a thread pool, :class:`AsyncEDJEClient` with asyncio.
+The twins differ only in how they send: every public method hands one builder of
+:mod:`edje_client._core` (``index_plan``, ``score_plan`` ...) and its arguments to ``_run``,
+which builds the :class:`~edje_client._core.Plan` once (validating the arguments) and sends its
+requests, up to ``concurrency`` at a time: :class:`EDJEClient` on a thread pool,
+:class:`AsyncEDJEClient` with asyncio. Connecting is the same two rounds of requests in both.
 """
 
 from __future__ import annotations
@@ -10,37 +13,32 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from edje_client._core import (
-    MODELS,
-    OPTIONAL_MODELS,
     Call,
     Endpoint,
     ImageLike,
+    Outputs,
+    Plan,
     RetryPolicy,
+    Rpc,
     ServerSpec,
     TokensLike,
-    as_tokens,
-    check_rerank_args,
-    check_server_state,
-    collection_rows,
+    config_requests,
+    connect_probes,
     default_url,
-    id_calls,
-    index_calls,
-    merge_id_scores,
-    merge_index,
-    merge_scores,
-    merge_text_embeddings,
-    progress_bar,
-    rank_calls,
-    rank_results,
-    text_calls,
+    embed_texts_plan,
+    index_plan,
+    read_spec,
+    rerank_collection_plan,
+    rerank_plan,
+    score_plan,
+    score_rows_plan,
     unreachable,
 )
 from edje_client.errors import APIConnectionError, EDJEError
@@ -51,12 +49,12 @@ if TYPE_CHECKING:
 
 __all__ = ["EDJEClient", "AsyncEDJEClient"]
 
-T = TypeVar("T")
-Outputs = dict[str, np.ndarray]
+R = TypeVar("R")
+Builder = Callable[..., Plan[R]]  # a builder of _core: (spec, *arguments) -> Plan
 
 
 class _ClientBase:
-    """Settings, server shapes and argument checks common to both clients."""
+    """Settings, server shapes and the token-bank check common to both clients."""
 
     def __init__(
         self,
@@ -110,40 +108,14 @@ class _ClientBase:
         except APIConnectionError as err:
             raise unreachable(self._endpoint, err) from err
 
-    def _rerank_tokens(
-        self, query: str, documents: TokensLike, top_n: int | None, ids: Sequence[str] | None
-    ) -> np.ndarray:
-        tokens = as_tokens(documents, self.spec)
-        check_rerank_args(query, len(tokens), top_n, ids)
-        return tokens
-
     def bank_holds(self, collection: ImageCollection) -> bool:
         """True when the server's token bank (``edje_rank_by_id``) serves this very collection.
 
-        Then :meth:`score_ids` on the collection's rows equals :meth:`score` on its tokens, with
+        Then :meth:`score_rows` on the collection's rows equals :meth:`score` on its tokens, with
         8 bytes per pair on the wire instead of Q x D x 2. Compared by path (or URI), so it is
         False for a server that sees the collection under another path (``by_id=True`` forces).
         """
-        bank = self.spec.bank_path
-        if not bank:
-            return False
-        if "://" in bank or "://" in collection.uri:
-            return bank.rstrip("/") == collection.uri.rstrip("/")
-        return Path(bank).resolve() == collection.path.resolve()
-
-    def _collection_documents(
-        self,
-        query: str,
-        collection: ImageCollection,
-        ids: Sequence[str] | None,
-        top_n: int | None,
-        by_id: bool | None,
-    ) -> tuple[list[str], np.ndarray, bool]:
-        """``(ids, rows or tokens, by_id)``: what :meth:`rerank_collection` sends."""
-        ids, rows = collection_rows(collection, ids)
-        check_rerank_args(query, len(rows), top_n, ids)
-        use_bank = self.bank_holds(collection) if by_id is None else by_id
-        return ids, (rows if use_bank else collection.tokens(rows)), use_bank
+        return self.spec.bank_holds(collection)
 
     def __repr__(self) -> str:
         url, protocol = self._endpoint.url, self._endpoint.protocol
@@ -205,40 +177,33 @@ class EDJEClient(_ClientBase):
                 self._clients.append(client)
         return client
 
-    def _with_retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _send(self, rpc: Rpc) -> Any:
+        """``rpc`` on this thread's client, retried as the retry policy says."""
         attempt = 0
         while True:
             try:
-                return fn(*args, **kwargs)
+                return rpc.send(self._client())
             except Exception as exc:
                 time.sleep(self._retry.backoff(exc, attempt))
                 attempt += 1
 
     def _connect(self) -> ServerSpec:
-        client, kwargs = self._client(), self._endpoint.call_kwargs
-        live = self._with_retry(client.is_server_live, **kwargs)
-        models = MODELS + OPTIONAL_MODELS
-        ready = {m: self._with_retry(client.is_model_ready, m, **kwargs) for m in models}
-        check_server_state(self._endpoint, live, ready)
-        kwargs = self._endpoint.config_kwargs
-        return ServerSpec.from_configs(
-            {m: self._with_retry(client.get_model_config, m, **kwargs) for m in models if ready[m]}
-        )
+        answers = [self._send(rpc) for rpc in connect_probes(self._endpoint)]
+        requests = config_requests(self._endpoint, answers)
+        return read_spec(requests, [self._send(rpc) for rpc in requests])
 
-    def _infer(self, call: Call) -> Outputs:
-        args = call.infer_args(self._endpoint.module)
-        result = self._with_retry(self._client().infer, **args, **self._endpoint.call_kwargs)
-        return call.parse(result)
-
-    def _run(self, calls: list[Call], progress: bool, unit: str) -> list[Outputs]:
-        with progress_bar(calls, progress, unit) as bar:
+    def _run(self, build: Builder[R], *args: Any, progress: bool = False) -> R:
+        """Build the plan of ``build(spec, *args)`` and send its requests on the thread pool."""
+        plan = build(self.spec, *args)
+        with plan.progress_bar(progress) as bar:
 
             def one(call: Call) -> Outputs:
-                outputs = self._infer(call)
+                outputs = call.parse(self._send(call.rpc(self._endpoint)))
                 bar.update(call.size)
                 return outputs
 
-            return list(self._executor.map(one, calls))
+            outputs = list(self._executor.map(one, plan.calls))
+        return plan.merge(outputs)
 
     def index(self, images: Sequence[ImageLike], progress: bool = False) -> IndexResult:
         """Compressed tokens and embeddings of images (``edje_index``).
@@ -262,8 +227,7 @@ class EDJEClient(_ClientBase):
         InvalidInputError
             An image cannot be read, or the server cannot decode one (with its message).
         """
-        calls = index_calls(images, self.spec)
-        return merge_index(self._run(calls, progress, "img"), self.spec)
+        return self._run(index_plan, images, progress=progress)
 
     def score(
         self, texts: str | Sequence[str], tokens: TokensLike, progress: bool = False
@@ -290,7 +254,7 @@ class EDJEClient(_ClientBase):
         InvalidInputError
             Tokens of the wrong shape or non-finite, or texts that do not match the blocks.
         """
-        return merge_scores(self._run(rank_calls(texts, tokens, self.spec), progress, "pair"))
+        return self._run(score_plan, texts, tokens, progress=progress)
 
     def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """First-stage query embeddings (``edje_text_embed``), in ``index``'s embedding space.
@@ -298,18 +262,18 @@ class EDJEClient(_ClientBase):
         Returns float32 ``[N, E]``, L2-normalised; raises :class:`ModelNotReadyError` when the
         server lacks the optional ``edje_text_embed``.
         """
-        calls = text_calls(texts, self.spec)
-        return merge_text_embeddings(self._run(calls, progress, "text"), self.spec)
+        return self._run(embed_texts_plan, texts, progress=progress)
 
-    def score_ids(
-        self, query: str, image_ids: Sequence[int] | np.ndarray, progress: bool = False
+    def score_rows(
+        self, query: str, rows: Sequence[int] | np.ndarray, progress: bool = False
     ) -> np.ndarray:
         """Logits of ``query`` against rows of the server's token bank (``edje_rank_by_id``).
 
-        Raises :class:`ModelNotReadyError` without a bank, :class:`InvalidInputError` naming
-        an id the bank does not hold.
+        ``rows`` are row numbers of the bank's collection (its integer image ids). Raises
+        :class:`ModelNotReadyError` without a bank, :class:`InvalidInputError` naming a row the
+        bank does not hold.
         """
-        return merge_id_scores(self._run(id_calls(query, image_ids, self.spec), progress, "pair"))
+        return self._run(score_rows_plan, query, rows, progress=progress)
 
     def rerank(
         self,
@@ -317,7 +281,7 @@ class EDJEClient(_ClientBase):
         documents: TokensLike,
         top_n: int | None = None,
         return_probabilities: bool = False,
-        ids: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[RerankResult]:
         """Sort documents by how well they match ``query``, best first.
 
@@ -331,16 +295,16 @@ class EDJEClient(_ClientBase):
             Keep only the best ``top_n`` results (all when ``None``).
         return_probabilities
             Report ``sigmoid(logit)`` instead of the raw logit.
-        ids
-            ``N`` ids to attach to the results (``RerankResult.id``).
+        labels
+            ``N`` labels, one per document, reported as the results' ``id``.
 
         Returns
         -------
         list of RerankResult
             ``(index, score, id)`` sorted by score, descending; ties keep document order.
         """
-        tokens = self._rerank_tokens(query, documents, top_n, ids)
-        return rank_results(self.score(query, tokens), top_n, return_probabilities, ids)
+        args = (query, documents, top_n, return_probabilities, labels)
+        return self._run(rerank_plan, *args)
 
     def rerank_collection(
         self,
@@ -357,9 +321,8 @@ class EDJEClient(_ClientBase):
         With ``by_id`` (default: when :meth:`bank_holds` the collection) only row numbers are
         sent and the server's token bank supplies the tokens.
         """
-        ids, documents, use_bank = self._collection_documents(query, collection, ids, top_n, by_id)
-        scores = self.score_ids(query, documents) if use_bank else self.score(query, documents)
-        return rank_results(scores, top_n, return_probabilities, ids)
+        args = (query, collection, ids, top_n, return_probabilities, by_id)
+        return self._run(rerank_collection_plan, *args)
 
     def close(self) -> None:
         """Stop the worker threads and close the connections. Idempotent."""
@@ -410,72 +373,63 @@ class AsyncEDJEClient(_ClientBase):
                     raise
         return self
 
-    async def _with_retry(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def _send(self, rpc: Rpc) -> Any:
+        """``rpc`` on the client, retried as the retry policy says."""
         attempt = 0
         while True:
             try:
-                return await fn(*args, **kwargs)
+                return await rpc.send(self._client)
             except Exception as exc:
                 await asyncio.sleep(self._retry.backoff(exc, attempt))
                 attempt += 1
 
     async def _connect(self) -> ServerSpec:
-        client, kwargs = self._client, self._endpoint.call_kwargs
-        live = await self._with_retry(client.is_server_live, **kwargs)
-        models = MODELS + OPTIONAL_MODELS
-        ready = {m: await self._with_retry(client.is_model_ready, m, **kwargs) for m in models}
-        check_server_state(self._endpoint, live, ready)
-        kwargs = self._endpoint.config_kwargs
-        configs = {
-            m: await self._with_retry(client.get_model_config, m, **kwargs)
-            for m in models
-            if ready[m]
-        }
-        return ServerSpec.from_configs(configs)
+        answers = [await self._send(rpc) for rpc in connect_probes(self._endpoint)]
+        requests = config_requests(self._endpoint, answers)
+        return read_spec(requests, [await self._send(rpc) for rpc in requests])
 
-    async def _infer(self, call: Call) -> Outputs:
-        args = call.infer_args(self._endpoint.module)
-        result = await self._with_retry(self._client.infer, **args, **self._endpoint.call_kwargs)
-        return call.parse(result)
-
-    async def _run(self, calls: list[Call], progress: bool, unit: str) -> list[Outputs]:
+    async def _run(self, build: Builder[R], *args: Any, progress: bool = False) -> R:
+        """Connect, build the plan of ``build(spec, *args)`` and send its requests as tasks."""
+        await self.connect()
+        plan = build(self.spec, *args)
         semaphore = asyncio.Semaphore(self._concurrency)
-        with progress_bar(calls, progress, unit) as bar:
+        with plan.progress_bar(progress) as bar:
 
             async def one(call: Call) -> Outputs:
                 async with semaphore:
-                    outputs = await self._infer(call)
+                    outputs = call.parse(await self._send(call.rpc(self._endpoint)))
                 bar.update(call.size)
                 return outputs
 
-            tasks = [asyncio.ensure_future(one(call)) for call in calls]
+            tasks = [asyncio.ensure_future(one(call)) for call in plan.calls]
             try:
-                return list(await asyncio.gather(*tasks))
+                outputs = list(await asyncio.gather(*tasks))
             except BaseException:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
+        return plan.merge(outputs)
 
     async def index(self, images: Sequence[ImageLike], progress: bool = False) -> IndexResult:
         """Async :meth:`EDJEClient.index`."""
-        await self.connect()
-        calls = index_calls(images, self.spec)
-        return merge_index(await self._run(calls, progress, "img"), self.spec)
+        return await self._run(index_plan, images, progress=progress)
 
     async def score(
         self, texts: str | Sequence[str], tokens: TokensLike, progress: bool = False
     ) -> np.ndarray:
         """Async :meth:`EDJEClient.score`."""
-        await self.connect()
-        calls = rank_calls(texts, tokens, self.spec)
-        return merge_scores(await self._run(calls, progress, "pair"))
+        return await self._run(score_plan, texts, tokens, progress=progress)
 
     async def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Async :meth:`EDJEClient.embed_texts`."""
-        await self.connect()
-        calls = text_calls(texts, self.spec)
-        return merge_text_embeddings(await self._run(calls, progress, "text"), self.spec)
+        return await self._run(embed_texts_plan, texts, progress=progress)
+
+    async def score_rows(
+        self, query: str, rows: Sequence[int] | np.ndarray, progress: bool = False
+    ) -> np.ndarray:
+        """Async :meth:`EDJEClient.score_rows`."""
+        return await self._run(score_rows_plan, query, rows, progress=progress)
 
     async def rerank(
         self,
@@ -483,20 +437,11 @@ class AsyncEDJEClient(_ClientBase):
         documents: TokensLike,
         top_n: int | None = None,
         return_probabilities: bool = False,
-        ids: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`EDJEClient.rerank`."""
-        await self.connect()
-        tokens = self._rerank_tokens(query, documents, top_n, ids)
-        return rank_results(await self.score(query, tokens), top_n, return_probabilities, ids)
-
-    async def score_ids(
-        self, query: str, image_ids: Sequence[int] | np.ndarray, progress: bool = False
-    ) -> np.ndarray:
-        """See :meth:`EDJEClient.score_ids`."""
-        await self.connect()
-        calls = id_calls(query, image_ids, self.spec)
-        return merge_id_scores(await self._run(calls, progress, "pair"))
+        args = (query, documents, top_n, return_probabilities, labels)
+        return await self._run(rerank_plan, *args)
 
     async def rerank_collection(
         self,
@@ -508,13 +453,8 @@ class AsyncEDJEClient(_ClientBase):
         by_id: bool | None = None,
     ) -> list[RerankResult]:
         """Async :meth:`EDJEClient.rerank_collection`."""
-        await self.connect()
-        ids, documents, use_bank = self._collection_documents(query, collection, ids, top_n, by_id)
-        if use_bank:
-            scores = await self.score_ids(query, documents)
-        else:
-            scores = await self.score(query, documents)
-        return rank_results(scores, top_n, return_probabilities, ids)
+        args = (query, collection, ids, top_n, return_probabilities, by_id)
+        return await self._run(rerank_collection_plan, *args)
 
     async def close(self) -> None:
         """Close the connection. Idempotent."""

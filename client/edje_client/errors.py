@@ -1,4 +1,4 @@
-"""The client's exception hierarchy, and conversion of tritonclient and network errors into it.
+"""The one exception hierarchy of ``edje_client``; tritonclient and network errors mapped to it.
 
 ::
 
@@ -7,8 +7,18 @@
     │   └── APITimeoutError       no answer in time (retryable)
     ├── InvalidInputError         HTTP 400 / INVALID_ARGUMENT, or rejected before sending
     ├── ModelNotReadyError        a model is missing or not ready
-    └── ServerError               5xx / INTERNAL / UNAVAILABLE ... (retryable for 502/503/504
-                                  and UNAVAILABLE)
+    ├── ServerError               5xx / INTERNAL / UNAVAILABLE ... (retryable for 502/503/504
+    │                             and UNAVAILABLE)
+    ├── LaunchError               the embedded tritonserver could not start, or exited
+    │                             (edje_client.server)
+    └── CollectionError           a collection cannot be opened, read or written
+        │                         (edje_client.collection_format)
+        ├── CollectionNotFoundError   no collection at the URI (also a FileNotFoundError)
+        ├── CollectionMismatchError   another model's or shape's collection
+        └── DuplicateIdError          an id stored twice (also a ValueError)
+
+Every failure of the server, the network, a collection or the embedded server is an
+:class:`EDJEError`; a bad constructor argument (a URL with a scheme, say) is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -69,6 +79,10 @@ class ServerError(EDJEError):
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message, status)
         self.retryable = status in RETRYABLE_STATUSES
+
+
+class LaunchError(EDJEError):
+    """The embedded ``tritonserver`` could not start, or exited on its own (with its log)."""
 
 
 def _from_triton(exc: InferenceServerException) -> EDJEError:

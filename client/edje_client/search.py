@@ -15,17 +15,18 @@ from typing import Protocol
 
 import numpy as np
 
+from edje_client._core import bank_or_tokens
 from edje_client.collection import ImageCollection
 
 
 class Scorer(Protocol):
-    """What search needs from a client (``EDJEClient`` provides both)."""
+    """What search needs from a client (``EDJEClient`` provides all of it)."""
 
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
     def score(self, texts: str | list[str], tokens: np.ndarray) -> np.ndarray: ...
 
-    def score_ids(self, query: str, image_ids: np.ndarray) -> np.ndarray: ...
+    def score_rows(self, query: str, rows: np.ndarray) -> np.ndarray: ...
 
     def bank_holds(self, collection: ImageCollection) -> bool: ...
 
@@ -76,8 +77,8 @@ def search(
     rerank_top_k
         How many first-stage candidates EDJE re-scores (default ``k``; 0 = first stage only).
     by_id
-        Send image ids to the server's token bank instead of tokens (default: when the
-        server's bank holds this collection's store).
+        Send row numbers to the server's token bank instead of tokens (default: when the
+        server's bank holds this collection).
     """
     rerank_top_k = k if rerank_top_k is None else rerank_top_k
     depth = max(k, rerank_top_k)
@@ -90,11 +91,14 @@ def search(
     n_rerank = min(rerank_top_k, len(rows))
     edje = np.zeros(0, dtype=np.float32)
     if n_rerank:
-        use_bank = client.bank_holds(collection) if by_id is None else by_id
-        if use_bank:
-            edje = client.score_ids(query, rows[:n_rerank])
-        else:
-            edje = client.score(query, collection.tokens(rows[:n_rerank]))
+        edje = bank_or_tokens(
+            collection,
+            rows[:n_rerank],
+            by_id,
+            client.bank_holds,
+            lambda head: client.score_rows(query, head),
+            lambda tokens: client.score(query, tokens),
+        )
     t3 = time.perf_counter()
     order = rerank_order(first_scores, edje)[:k]
     ids = collection.ids(rows[order])

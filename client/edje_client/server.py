@@ -3,7 +3,8 @@
 The wheel carries Triton 2.51 with the Python backend, one backend stub per Python version, and
 the shared libraries they link against. :class:`TritonServer` assembles a backend directory for
 the running interpreter, starts the server on loopback by default, waits for readiness, and
-stops it cleanly. It is what ``edje serve``, ``make serve`` and the test fixtures use.
+stops it cleanly. It is what ``edje serve``, ``make serve`` and the test fixtures use. Its
+failures raise :class:`~edje_client.errors.LaunchError`, an ``EDJEError`` like every other.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edje_client.errors import LaunchError
+
 DEFAULT_HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
-
-
-class ServerError(RuntimeError):
-    """The embedded server could not be started or stopped."""
 
 
 def pytriton_root() -> Path:
@@ -37,7 +36,7 @@ def pytriton_root() -> Path:
     try:
         import pytriton
     except ImportError as exc:
-        raise ServerError(
+        raise LaunchError(
             "the embedded server needs the nvidia-pytriton wheel: pip install 'edje-triton[serve]'"
         ) from exc
     return Path(pytriton.__file__).parent / "tritonserver"
@@ -53,7 +52,7 @@ def backend_directory(cache_dir: Path | None = None) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServerError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+        raise LaunchError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
     cache_dir = (
         cache_dir
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -196,14 +195,14 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start the server and block until ``/v2/health/ready``; raise with its log on failure."""
         if not (self.model_repository / "").is_dir():
-            raise ServerError(f"model repository not found: {self.model_repository}")
+            raise LaunchError(f"model repository not found: {self.model_repository}")
         for name, port in (
             ("HTTP", self.http_port),
             ("gRPC", self.grpc_port),
             ("metrics", self.metrics_port),
         ):
             if not port_is_free(self.host, port):
-                raise ServerError(
+                raise LaunchError(
                     f"{name} port {port} on {self.host} is already in use; "
                     f"pick another (--{name.lower()}-port, or {name.upper()}_PORT=... for make)"
                 )
@@ -225,7 +224,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(
+                raise LaunchError(
                     f"tritonserver exited with code {self.process.returncode} while starting; "
                     f"log {self.log_file}:\n{self.log_tail()}"
                 )
@@ -233,7 +232,7 @@ class TritonServer:
                 return self
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise LaunchError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def is_ready(self) -> bool:
         """True when the server answers ``/v2/health/ready`` with 200."""
@@ -259,7 +258,7 @@ class TritonServer:
     def wait(self) -> int:
         """Block until the server exits; return its exit code."""
         if self.process is None:
-            raise ServerError("server not started")
+            raise LaunchError("server not started")
         return self.process.wait()
 
     def __enter__(self) -> TritonServer:
