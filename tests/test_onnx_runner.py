@@ -1,6 +1,8 @@
-"""The python-runtime ONNX runner (model.py of edje_ranker / edje_vision_adapter)."""
+"""The python-runtime ONNX runner, ``_shared/onnx_runner.py`` (edje_ranker's model.py runs it)."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from tests.triton_stub import InferenceRequest, load_model
 
 @pytest.fixture(scope="module")
 def ranker(repo_dir):
-    return load_model(repo_dir / "edje_ranker")
+    """(the model, the ``onnx_runner`` module its one-line model.py imports it from)."""
+    model, _ = load_model(repo_dir / "edje_ranker")
+    return model, sys.modules[type(model).__module__]
 
 
 def _pairs(tokenizer_outputs, tokens):

@@ -89,3 +89,10 @@ def test_pixel_limit_is_configurable(repo_dir):
     model, _ = load_model(repo_dir / "edje_preprocess", max_image_pixels="1000")
     (response,) = model.execute([_request(encode(noise(40, 30)))])
     assert "1200 pixels exceeds the limit of 1000" in response.error.message()
+
+
+def test_parameters_are_typed_and_an_unfilled_one_takes_its_default(repo_dir):
+    with pytest.raises(ValueError, match=r"edje_preprocess: parameter 'decode_threads' = 'x'"):
+        load_model(repo_dir / "edje_preprocess", decode_threads="x")
+    model, _ = load_model(repo_dir / "edje_preprocess", max_image_pixels="${max_image_pixels}")
+    assert model.settings.max_pixels == 50_000_000

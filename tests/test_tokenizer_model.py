@@ -1,4 +1,5 @@
-"""edje_tokenizer's model.py in-process, against the HF tokenizer and the torch pair layout."""
+"""edje_tokenizer's and edje_text_tokenizer's model.py in-process, against the HF tokenizers
+and the torch pair layout."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from edje.modeling import build_pair_layout
-from tests.triton_stub import InferenceRequest, load_model
+from tests.triton_stub import InferenceRequest, load_model, read_config
 
 Q, LENGTH = 64, 128
 TEXTS = ["a red circle left of a blue square", "", "DOG!", "dog", "a b c " * 400, "café ☕ naïve"]
@@ -96,3 +97,28 @@ def test_requests_are_tokenized_in_one_call(tokenizer_model, monkeypatch):
     monkeypatch.setattr(tokenizer_model, "tokenizer", counting)
     tokenizer_model.execute([_request("dog", "dog", "dog"), _request("cat"), _request("dog")])
     assert counting.calls == [2]  # one call, and the repeated query is encoded once
+
+
+def test_text_tokenizer_matches_the_first_stage_hf_tokenizer(repo_dir, tiny_source):
+    """edje_text_tokenizer's own model.py: single texts, no image tokens, the tower's length."""
+    model, _ = load_model(repo_dir / "edje_text_tokenizer")
+    config = read_config(repo_dir / "edje_text_tokenizer")
+    length = int(config["parameters"]["max_length"]["string_value"])
+    texts = TEXTS
+    responses = model.execute([_request(*texts), _request(b"\xff"), _request("dog")])
+    assert [r.has_error() for r in responses] == [False, True, False]
+    assert "not valid UTF-8" in responses[1].error.message()
+    ref = tiny_source.text_tokenizer()(
+        texts, truncation=True, max_length=length, padding="max_length", return_tensors="np"
+    )
+    ids = responses[0].output("INPUT_IDS")
+    assert ids.shape == (len(texts), length) and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, ref["input_ids"])
+    np.testing.assert_array_equal(responses[2].output("INPUT_IDS")[0], ids[texts.index("dog")])
+
+
+def test_a_bad_parameter_is_refused_at_load_naming_key_and_value(repo_dir):
+    with pytest.raises(ValueError, match=r"edje_tokenizer: parameter 'max_length' = 'long'"):
+        load_model(repo_dir / "edje_tokenizer", max_length="long")
+    with pytest.raises(ValueError, match=r"'max_length' = 10 is below its minimum 67"):
+        load_model(repo_dir / "edje_tokenizer", max_length="10")

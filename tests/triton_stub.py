@@ -1,7 +1,8 @@
 """A stand-in for ``triton_python_backend_utils``, to unit-test Python models in-process.
 
-It mirrors only the calls our models make. Importing a model through :func:`load_model` puts
-this module under the real module's name and the model's own directory on ``sys.path``.
+It mirrors only the calls our models make (the shared helpers' included). Importing a model
+through :func:`load_model` puts this module under the real module's name and the model's own
+version directory (``model.py`` with the helpers the builder copied beside it) on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -63,9 +64,39 @@ def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | N
     return request.inputs.get(name)
 
 
+def get_output_config_by_name(model_config: dict, name: str) -> dict | None:
+    return next((o for o in model_config.get("output", []) if o["name"] == name), None)
+
+
+TRITON_STRING_TO_NUMPY = {
+    "TYPE_BOOL": bool,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+}
+
+
+def triton_string_to_numpy(triton_type_string: str):
+    return TRITON_STRING_TO_NUMPY[triton_type_string]
+
+
+API = (
+    "TritonError",
+    "Tensor",
+    "InferenceResponse",
+    "get_input_tensor_by_name",
+    "get_output_config_by_name",
+    "triton_string_to_numpy",
+)
+
+
 def _as_module() -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
-    for name in ("TritonError", "Tensor", "InferenceResponse", "get_input_tensor_by_name"):
+    for name in API:
         setattr(module, name, globals()[name])
     return module
 
@@ -87,7 +118,8 @@ def load_model(model_dir: Path, **parameter_overrides: str):
     version_dir = model_dir / "1"
     sys.path.insert(0, str(version_dir))
     try:
-        sys.modules.pop("edje_backend_utils", None)
+        for helper in version_dir.glob("*.py"):  # fresh helpers, bound to this stand-in
+            sys.modules.pop(helper.stem, None)
         spec = importlib.util.spec_from_file_location(
             f"{model_dir.name}_model", version_dir / "model.py"
         )

@@ -1,13 +1,16 @@
 """Build a servable Triton model repository from an EDJE model source.
 
-Steps: load the models (checkpoint strictly checked), export both ONNX graphs, write the
-tokenizer, and fill the ``${placeholders}`` of ``model_repository/*/config.pbtxt``. Two
-runtimes:
+Steps: load the models (checkpoint strictly checked), copy each template folder of
+``model_repository/`` as it is (``config.pbtxt`` with its ``${placeholders}`` filled, the files
+of its ``1/``, and every ``_shared/*.py`` helper beside each ``model.py``), export the ONNX
+graphs and write the tokenizers. Two runtimes:
 
 * ``python``: the embedded server (``make serve``). Each ONNX model runs in ONNX Runtime inside a
-  Python-backend model, with the same tensors and batching.
-* ``onnxruntime``: Triton's ONNX Runtime backend, as in NVIDIA's container; ``--gpu`` puts
-  instances on GPUs and ``--tensorrt`` adds the TensorRT FP16 accelerator.
+  Python-backend model (its ``1/model.py`` imports the shared ``onnx_runner``), with the same
+  tensors and batching.
+* ``onnxruntime``: Triton's ONNX Runtime backend, as in NVIDIA's container; the ONNX models keep
+  only ``model.onnx``. ``--gpu`` puts instances on GPUs and ``--tensorrt`` adds the TensorRT
+  FP16 accelerator.
 
 The repository is written to a temporary directory and moved into place at the end, so a failed
 build never leaves a half-built repository behind.
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import string
 import sys
@@ -35,17 +39,21 @@ TEMPLATE_DIR = Path(
 )
 DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "default_model"
 MANIFEST = "edje_manifest.json"
-# Python-backend model -> the template folder whose 1/model.py it runs.
-PYTHON_MODELS = {
-    "edje_preprocess": "edje_preprocess",
-    "edje_tokenizer": "edje_tokenizer",
-    "edje_text_tokenizer": "edje_tokenizer",
-}
-# Included with a token bank (--token-bank): rank by image id.
-BANK_MODELS = {"edje_token_bank": "edje_token_bank"}
-BANK_ENSEMBLES = ("edje_rank_by_id",)
-ONNX_MODELS = ("edje_vision_adapter", "edje_ranker", "edje_text_encoder")
-ENSEMBLES = ("edje_index", "edje_rank", "edje_text_embed")
+# The models of a repository: template folders under model_repository/, each copied by
+# copy_model. The bank's are included only with a token bank (--token-bank): rank by image id.
+MODELS = (
+    "edje_index",
+    "edje_preprocess",
+    "edje_vision_adapter",
+    "edje_rank",
+    "edje_tokenizer",
+    "edje_ranker",
+    "edje_text_embed",
+    "edje_text_tokenizer",
+    "edje_text_encoder",
+)
+BANK_MODELS = ("edje_token_bank", "edje_rank_by_id")
+SHARED_DIR = "_shared"  # helpers copied beside every model.py
 
 TENSORRT_FP16 = """optimization { execution_accelerators { gpu_execution_accelerator: [ {
   name: "tensorrt"
@@ -140,6 +148,26 @@ def fill_template(path: Path, values: dict[str, str]) -> str:
         raise KeyError(f"{path}: no value for placeholder ${{{exc.args[0]}}}") from None
 
 
+def copy_model(template: Path, target: Path, values: dict[str, str], helpers: list[Path]) -> None:
+    """Copy one model folder as it is: ``config.pbtxt`` filled, the files of its ``1/``, and
+    every shared helper beside its ``model.py``.
+
+    The one rule for code: Python files go only to models whose (filled) config says
+    ``backend: "python"``. So in the ``onnxruntime`` runtime an ONNX model keeps only its
+    ``model.onnx`` (written later by the export), and Triton's ONNX Runtime backend runs it.
+    """
+    config = fill_template(template / "config.pbtxt", values)
+    (target / "1").mkdir(parents=True)
+    (target / "config.pbtxt").write_text(config)
+    files = sorted(p for p in (template / "1").glob("*") if p.is_file())
+    if not re.search(r'^backend:\s*"python"', config, re.MULTILINE):
+        files = [p for p in files if p.suffix != ".py"]
+    elif any(p.name == "model.py" for p in files):
+        files += helpers
+    for path in files:
+        shutil.copy2(path, target / "1" / path.name)
+
+
 def build_repository(source, output: str | Path, settings: RepoSettings | None = None) -> Path:
     """Export ``source`` into a Triton model repository at ``output`` (replacing it)."""
     from edje.onnx_export import (
@@ -180,23 +208,9 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
         )
     dims = source.edje_config(indexing, ranking, text_tokenizer).dims()
     values = template_values(source, settings, dims, tokenizer, text_tokenizer)
-    python_models = {**PYTHON_MODELS, **(BANK_MODELS if settings.token_bank else {})}
-    ensembles = (*ENSEMBLES, *(BANK_ENSEMBLES if settings.token_bank else ()))
-
-    for name in (*python_models, *ONNX_MODELS, *ensembles):
-        (staging / name / "1").mkdir(parents=True)
-        (staging / name / "config.pbtxt").write_text(
-            fill_template(TEMPLATE_DIR / name / "config.pbtxt", values)
-        )
-    shared = TEMPLATE_DIR / "_shared"
-    code = {name: TEMPLATE_DIR / src / "1" / "model.py" for name, src in python_models.items()}
-    if settings.runtime == "python":
-        code.update({name: shared / "onnx_runner.py" for name in ONNX_MODELS})
-    helpers = sorted(p for p in shared.glob("*.py") if p.name != "onnx_runner.py")
-    for name, model_py in code.items():
-        shutil.copy2(model_py, staging / name / "1" / "model.py")
-        for helper in helpers:
-            shutil.copy2(helper, staging / name / "1")
+    helpers = sorted((TEMPLATE_DIR / SHARED_DIR).glob("*.py"))
+    for name in (*MODELS, *(BANK_MODELS if settings.token_bank else ())):
+        copy_model(TEMPLATE_DIR / name, staging / name, values, helpers)
 
     log.info("exporting ONNX models")
     export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")

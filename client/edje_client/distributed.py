@@ -20,7 +20,6 @@ stays up for the process (``ray.shutdown()`` stops it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -146,11 +145,11 @@ class _LocalEncoder:
         helper = repo / "edje_preprocess" / "1" / "edje_image.py"
         if not helper.is_file():
             raise FileNotFoundError(f"{helper} is missing: rebuild the repository")
-        name = f"_edje_image_{hashlib.sha1(str(helper.resolve()).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, helper)
-        self.image = importlib.util.module_from_spec(spec)
-        sys.modules[name] = self.image  # dataclasses resolve their module by name
-        spec.loader.exec_module(self.image)
+        # As Triton does for a Python model: its folder (model.py and the _shared helpers
+        # beside it) goes on sys.path, and the helper is imported by its own name.
+        if str(helper.parent) not in sys.path:
+            sys.path.insert(0, str(helper.parent))
+        self.image = importlib.import_module("edje_image")
         text = (repo / "edje_preprocess" / "config.pbtxt").read_text()
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
         config_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)

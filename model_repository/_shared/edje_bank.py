@@ -128,8 +128,8 @@ class TokenBank:
         self.rows, self.dataset = total, dataset
         return new
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """float16 ``[N, Q, D]`` of ``rows``; ``LookupError`` naming the first unknown."""
+    def check(self, rows: np.ndarray) -> None:
+        """``LookupError`` naming the first of ``rows`` the bank does not hold."""
         unknown = rows[(rows < 0) | (rows >= self.rows)]
         if unknown.size:
             raise LookupError(
@@ -137,4 +137,8 @@ class TokenBank:
                 if self.rows
                 else f"unknown image id {int(unknown[0])} (the bank is empty)"
             )
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """float16 ``[N, Q, D]`` of ``rows``; ``LookupError`` naming the first unknown."""
+        self.check(rows)
         return np.take(self.tokens, rows, axis=0)

@@ -6,7 +6,8 @@ normalise with the configured mean and std. EXIF orientation is applied first.
 
 ``edje_preprocess/1/model.py`` runs these functions inside Triton; code outside Triton (the Ray
 indexer's in-process encoder) loads this very file from a built repository, so both paths
-preprocess identically. Only the standard library, numpy and Pillow may be imported here.
+preprocess identically. Only the standard library, numpy, Pillow and ``edje_params.py`` (the
+typed parameter readers, beside this file) may be imported here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from edje_params import Parameters
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -91,12 +93,6 @@ def normalize(batch: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
-def _parameter(model_config: dict[str, Any], key: str, default: str | None = None) -> str | None:
-    """A ``parameters`` entry; empty or an unfilled ``${...}`` means unset (as Triton's models)."""
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return default if not value or value.startswith("${") else value
-
-
 @dataclass(frozen=True)
 class ImageSettings:
     """The preprocessing parameters of ``edje_preprocess/config.pbtxt``, with their defaults."""
@@ -113,21 +109,15 @@ class ImageSettings:
     def from_config(cls, model_config: dict[str, Any]) -> ImageSettings:
         """Read the settings from a model config as a dict (Triton's JSON of ``config.pbtxt``,
         or ``json_format.MessageToDict(..., preserving_proto_field_name=True)`` of it)."""
-
-        def get(key: str, default: str | None = None) -> str:
-            value = _parameter(model_config, key, default)
-            if value is None:
-                raise KeyError(f"edje_preprocess config has no parameter {key!r}")
-            return value
-
+        params = Parameters(model_config)
         return cls(
-            size=int(get("image_size")),
-            mean=np.array(get("image_mean").split(","), dtype=np.float32),
-            std=np.array(get("image_std").split(","), dtype=np.float32),
-            resample=int(get("resample", "2")),
-            scale=float(get("rescale_factor", str(1 / 255))),
-            max_pixels=int(get("max_image_pixels", str(DEFAULT_MAX_PIXELS))),
-            max_bytes=int(get("max_image_bytes", str(DEFAULT_MAX_BYTES))),
+            size=params.get_int("image_size", minimum=1),
+            mean=np.array(params.get_floats("image_mean"), dtype=np.float32),
+            std=np.array(params.get_floats("image_std"), dtype=np.float32),
+            resample=params.get_int("resample", 2),
+            scale=params.get_float("rescale_factor", 1 / 255),
+            max_pixels=params.get_int("max_image_pixels", DEFAULT_MAX_PIXELS, minimum=1),
+            max_bytes=params.get_int("max_image_bytes", DEFAULT_MAX_BYTES, minimum=1),
         )
 
     def decode(self, data: bytes) -> np.ndarray:

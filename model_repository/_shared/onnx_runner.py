@@ -1,9 +1,11 @@
 """An ONNX model run by ONNX Runtime inside Triton's Python backend (the ``python`` runtime).
 
-Triton's ``onnxruntime`` backend is not in the embedded server, so each ONNX model gets this
-``model.py``: same inputs, outputs and dynamic batching as the ``onnxruntime`` runtime. All
-requests of one ``execute`` call are concatenated and run in ONE session call. A request whose
-floating-point inputs hold NaN or Inf fails alone with ``INVALID_ARG``.
+Triton's ``onnxruntime`` backend is not in the embedded server, so in that runtime each ONNX
+model's ``1/model.py`` is the one line ``from onnx_runner import TritonPythonModel``: same
+inputs, outputs and dynamic batching as the ``onnxruntime`` runtime, where the builder drops
+the Python files and Triton runs ``model.onnx`` itself. All good requests of one ``execute``
+are concatenated and run in ONE session call (``edje_backend_utils.BatchExecutor``); a request
+whose floating-point inputs hold NaN or Inf fails alone with ``INVALID_ARG``.
 
 Config parameters: ``onnx_file`` (default ``model.onnx``); ``intra_op_thread_count`` (0 = ORT's
 default; the same key Triton's ``onnxruntime`` backend reads); and ``trim_padding`` naming a [B,L]
@@ -17,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
-from edje_backend_utils import get_parameter, parse_model_config
+from edje_backend_utils import BatchExecutor, Parameters, RequestError, input_array, model_config
 
 
 def trim_trailing_padding(feeds: dict[str, np.ndarray], mask_name: str) -> dict[str, np.ndarray]:
@@ -46,53 +47,40 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         """Create the ONNX Runtime session once."""
-        config = parse_model_config(args)
-        path = Path(__file__).parent / get_parameter(config, "onnx_file", "model.onnx")
+        config = model_config(args)
+        params = Parameters(config)
+        path = Path(__file__).parent / params.get_str("onnx_file", "model.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(get_parameter(config, "intra_op_thread_count", "0"))
+        options.intra_op_num_threads = params.get_int("intra_op_thread_count", 0, minimum=0)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
-        self.trim_mask = get_parameter(config, "trim_padding")
+        self.trim_mask = params.get_str("trim_padding", "")
+        self.batch = BatchExecutor(
+            config, read=self.read, run=self.run, rows=lambda feeds: len(feeds[self.input_names[0]])
+        )
 
     def execute(self, requests: list) -> list:
-        """Run every valid request of the batch in one ONNX Runtime call."""
-        arrays = [
-            {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names}
-            for r in requests
-        ]
-        responses: list = [None] * len(requests)
-        for i, feeds in enumerate(arrays):
-            for name, array in feeds.items():
-                bad = np.flatnonzero(non_finite_rows(array))
-                if bad.size:
-                    msg = f"input '{name}' holds NaN or Inf (row {int(bad[0])} of {len(array)})"
-                    err = pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG)
-                    responses[i] = pb_utils.InferenceResponse(error=err)
-                    break
-        valid = [i for i, r in enumerate(responses) if r is None]
-        if not valid:
-            return responses
-        feeds = {n: np.concatenate([arrays[i][n] for i in valid]) for n in self.input_names}
+        """One response per request, in order: all valid ones in one ONNX Runtime call."""
+        return self.batch.execute(requests)
+
+    def read(self, request) -> dict[str, np.ndarray]:
+        """The request's inputs; :class:`RequestError` naming the first with NaN or Inf."""
+        feeds = {name: input_array(request, name) for name in self.input_names}
+        for name, array in feeds.items():
+            bad = np.flatnonzero(non_finite_rows(array))
+            if bad.size:
+                raise RequestError(
+                    f"input '{name}' holds NaN or Inf (row {int(bad[0])} of {len(array)})"
+                )
+        return feeds
+
+    def run(self, items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One session run over the concatenated inputs (trailing padding trimmed)."""
+        feeds = {n: np.concatenate([item[n] for item in items]) for n in self.input_names}
         if self.trim_mask:
             feeds = trim_trailing_padding(feeds, self.trim_mask)
-        try:
-            outputs = self.session.run(self.output_names, feeds)
-        except Exception as exc:  # keep serving: fail this batch's requests, not the model
-            msg = f"ONNX Runtime failed on this batch: {type(exc).__name__}: {str(exc)[:200]}"
-            for i in valid:
-                err = pb_utils.TritonError(msg, pb_utils.TritonError.INTERNAL)
-                responses[i] = pb_utils.InferenceResponse(error=err)
-            return responses
-        start = 0
-        for i in valid:
-            end = start + len(arrays[i][self.input_names[0]])
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(out[start:end]))
-                for name, out in zip(self.output_names, outputs, strict=True)
-            ]
-            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-            start = end
-        return responses
+        outputs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outputs, strict=True))

@@ -3,10 +3,11 @@
 The bank is an image collection (a Lance dataset written by ``edje index``, local or at an
 object-store URI), opened read-only. Integer image ids are the collection's rows (dense, in
 commit order, never changing). The tokens are read into memory once, as float16, so a gather
-is one numpy ``take``, not storage I/O: at 50k pairs/s the gather, not the ranker, would
-otherwise set the pace. Every ``execute`` first checks for a newer committed version and reads
-only the rows it added, so an image is rankable by id from the first request that starts after
-its commit; no restart. An unknown id fails its request with ``INVALID_ARG`` naming the id.
+is one numpy ``take`` per ``execute``, not storage I/O: at 50k pairs/s the gather, not the
+ranker, would otherwise set the pace. Every ``execute`` first checks for a newer committed
+version and reads only the rows it added, so an image is rankable by id from the first request
+that starts after its commit; no restart. An unknown id fails its request with ``INVALID_ARG``
+naming the id.
 
 The reading lives in the shared helper ``edje_bank.py`` (numpy and pylance only, never the
 client package).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from edje_backend_utils import get_parameter, parse_model_config
+from edje_backend_utils import BatchExecutor, Parameters, RequestError, input_array, model_config
 from edje_bank import TokenBank, physical_memory_bytes
 
 
@@ -25,51 +26,48 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         """Open the bank once; its shape and model must match the ranker's."""
-        config = parse_model_config(args)
-        uri = get_parameter(config, "bank_path")
-        if not uri:
-            raise ValueError("edje_token_bank needs the parameter bank_path")
-        max_bytes = int(get_parameter(config, "max_bank_bytes", "0")) or physical_memory_bytes()
-        self.max_ids = int(get_parameter(config, "max_ids", "256"))
-        dims = next(o["dims"] for o in config["output"] if o["name"] == "COMPRESSED_TOKENS")
+        config = model_config(args)
+        params = Parameters(config)
+        uri = params.get_str("bank_path")
+        max_bytes = params.get_int("max_bank_bytes", 0, minimum=0) or physical_memory_bytes()
+        self.max_ids = params.get_int("max_ids", 256, minimum=1)
+        dims = pb_utils.get_output_config_by_name(config, "COMPRESSED_TOKENS")["dims"]
         expect = tuple(int(d) for d in dims[1:])
-        model_id = get_parameter(config, "model_id", "")
-        self.bank = TokenBank(uri, max_bytes, expect, model_id)
-
-    def _lookup(self, request) -> pb_utils.InferenceResponse:
-        text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-        ids = pb_utils.get_input_tensor_by_name(request, "IMAGE_IDS").as_numpy().reshape(-1)
-        if len(ids) == 0:
-            raise LookupError("no image ids in the request")
-        if len(ids) > self.max_ids:
-            raise LookupError(f"{len(ids)} image ids in one request; at most {self.max_ids}")
-        tokens = self.bank.gather(ids)
-        texts = np.repeat(text[:1], len(ids)).reshape(-1, 1).astype(object)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("TEXTS", texts),
-                pb_utils.Tensor("COMPRESSED_TOKENS", tokens),
-            ]
-        )
+        self.bank = TokenBank(uri, max_bytes, expect, params.get_str("model_id", ""))
+        self.refresh_error: Exception | None = None
+        self.batch = BatchExecutor(config, read=self.read, run=self.run, rows=lambda r: len(r[1]))
 
     def execute(self, requests: list) -> list:
-        """Pick up new commits, then look up each request's ids (one gather per request)."""
-        refresh_error = None
+        """Pick up new commits, then answer every request in order, with one gather."""
+        self.refresh_error = None
         try:
             self.bank.refresh()
         except (OSError, ValueError, MemoryError) as exc:  # keep serving what is in memory
-            refresh_error = exc
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._lookup(request))
-            except LookupError as exc:
-                message = str(exc)
-                if refresh_error is not None:
-                    message += f" (the bank could not pick up new commits: {refresh_error})"
-                err = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=err))
-        return responses
+            self.refresh_error = exc
+        return self.batch.execute(requests)
+
+    def read(self, request) -> tuple[np.ndarray, np.ndarray]:
+        """(the query text [1], its ids); :class:`RequestError` for no, too many or unknown ids."""
+        text = input_array(request, "TEXT").reshape(-1)[:1]
+        ids = input_array(request, "IMAGE_IDS").reshape(-1)
+        try:
+            if len(ids) == 0:
+                raise LookupError("no image ids in the request")
+            if len(ids) > self.max_ids:
+                raise LookupError(f"{len(ids)} image ids in one request; at most {self.max_ids}")
+            self.bank.check(ids)
+        except LookupError as exc:
+            message = str(exc)
+            if self.refresh_error is not None:
+                message += f" (the bank could not pick up new commits: {self.refresh_error})"
+            raise RequestError(message) from None
+        return text, ids
+
+    def run(self, items: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Each request's text repeated per id, and the tokens of all ids in one gather."""
+        texts = np.concatenate([np.repeat(text, len(ids)) for text, ids in items])
+        rows = np.concatenate([ids for _, ids in items])
+        return {"TEXTS": texts.reshape(-1, 1), "COMPRESSED_TOKENS": self.bank.gather(rows)}
 
     def finalize(self) -> None:
         """Drop the bank."""

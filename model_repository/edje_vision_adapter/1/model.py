@@ -1,0 +1,8 @@
+"""edje_vision_adapter (SigLIP ViT + token compression) in the embedded ``python`` runtime.
+
+``model.onnx`` beside this file runs in ONNX Runtime through the shared ``onnx_runner.py``
+(copied here by the builder). In the ``onnxruntime`` runtime the builder leaves the Python
+files out: Triton's ONNX Runtime backend runs ``model.onnx`` itself.
+"""
+
+from onnx_runner import TritonPythonModel  # noqa: F401
