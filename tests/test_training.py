@@ -9,25 +9,25 @@ import pytest
 import torch
 
 from edje import synthetic
-from edje.train import (
-    EDJETrainer,
+from edje.training.adapter_init import init_adapter_spatial
+from edje.training.data import (
     Features,
-    Recipe,
-    StageTwo,
-    build_edje,
-    embed_images,
-    embed_texts,
-    evaluate,
-    first_stage_config,
-    init_adapter_spatial,
-    language_config,
-    new_first_stage,
-    pair_hidden,
+    encode_edits,
     patch_object_mix,
-    train_first_stage,
     world_data,
     world_tokenizer,
 )
+from edje.training.embedded_default import build_edje, language_config
+from edje.training.evaluation import evaluate
+from edje.training.first_stage import (
+    embed_images,
+    embed_texts,
+    first_stage_config,
+    new_first_stage,
+    train_first_stage,
+)
+from edje.training.recipe import Recipe, StageTwo
+from edje.training.trainer import EDJETrainer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "build_scripts" / "edje" / "default_model"
 TINY = Recipe(
@@ -183,7 +183,7 @@ def tiny_setup():
 
 def test_first_stage_loss_falls(tiny_setup, caplog):
     recipe, text_tok, _, data, clip = tiny_setup
-    caplog.set_level("INFO", logger="edje.train")
+    caplog.set_level("INFO", logger="edje.training")
     train_first_stage(clip, text_tok, data, data, recipe)
     losses = [
         float(r.message.split("loss ")[1].split()[0]) for r in caplog.records if "loss" in r.message
@@ -238,8 +238,9 @@ def test_image_tokens_reach_the_encoder(tiny_setup):
     enc = trainer.tokenizer(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
     tokens = torch.randn(2, 4, 64)
     logits = ranking(tokens, enc["input_ids"], enc["attention_mask"])
-    hidden = pair_hidden(ranking, enc["input_ids"], enc["attention_mask"], tokens)
-    # The training path (pair_hidden) is the inference path (score_pairs).
+    hidden = ranking.pair_hidden_states(tokens, enc["input_ids"], enc["attention_mask"])
+    hidden = hidden.last_hidden_state
+    # The training path (pair_hidden_states) is the inference path (score_pairs).
     torch.testing.assert_close(ranking.classification_head(hidden).squeeze(-1), logits)
     assert not torch.allclose(
         logits, ranking(torch.randn(2, 4, 64), enc["input_ids"], enc["attention_mask"])
@@ -271,7 +272,7 @@ def test_mlm_masks_one_whole_word_group_per_caption(tiny_setup):
     ] * 20
     enc = tok(captions, padding=True, return_tensors="pt")
     ids = enc["input_ids"]
-    masked, labels = trainer._mask(ids, enc["attention_mask"])
+    masked, labels = trainer.masker(ids, enc["attention_mask"])
     word_group = {w: g for g, words in enumerate(synthetic.WORD_GROUPS.values()) for w in words}
     seen = set()
     for row in range(len(captions)):
@@ -326,7 +327,7 @@ def test_edje_losses_fall(tiny_setup):
     assert batch["edit_ok"].all() and batch["edit_text"] != [
         trainer.data.captions[c] for c in batch["cap"]
     ]
-    _, _, labels = trainer._edited(batch)
+    _, _, labels = encode_edits(trainer.tokenizer, batch["edit_text"], batch["edit_words"])
     assert (labels.sum(1) == torch.tensor([len(w) for w in batch["edit_words"]])).all()
     history = trainer.fit()
     first, last = history[:5], history[-5:]
@@ -346,27 +347,29 @@ def test_shipped_default_reranking_gain():
     source = ModelSource.from_dir(DEFAULT_MODEL)
     assert not source.random_weights
     report = evaluate(source, "test", seed=0, max_queries=150, show=0)
-    assert report["first_stage_R@10"] >= 90.0
-    assert report["reranked_R@1"] >= report["first_stage_R@1"] + 10.0, report
+    first, reranked = report["text_to_image"]["first_stage"], report["text_to_image"]["reranked"]
+    assert first["R@10"] >= 90.0
+    assert reranked["R@1"] >= first["R@1"] + 10.0, report
 
 
 def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
     import json
 
-    from edje.train import write_training_record
+    from edje.training.record import write_training_record
 
     monkeypatch.setattr("sys.argv", ["edje.train", "default", "--seed", "7"])
     report = {
-        "queries": 358,
-        "gallery": 358,
-        "first_stage_R@1": 61.7,
-        "reranked_R@1": 77.1,
-        "gain_R@1": 15.4,
-        "hard_queries": 355,
-        "hard_first_stage_R@1": 61.4,
-        "hard_reranked_R@1": 77.0,
-        "first_stage_R@10": 100.0,
-        "by_kind": {"relation": {"n": 100, "first_stage_R@1": 49.0, "reranked_R@1": 80.0}},
+        "k": 10,
+        "num_images": 358,
+        "num_captions": 358,
+        "text_to_image": {
+            "first_stage": {"R@1": 61.7, "R@5": 99.0, "R@10": 100.0},
+            "reranked": {"R@1": 77.1, "R@5": 100.0, "R@10": 100.0},
+        },
+        "text_to_image_r1_hard": {"queries": 355, "first_stage": 61.4, "reranked": 77.0},
+        "text_to_image_r1_by_kind": {
+            "relation": {"queries": 100, "first_stage": 49.0, "reranked": 80.0}
+        },
         "train_seconds": 4200,
         "stage1_seconds": 330,
         "stage2_steps": 3873,
@@ -377,7 +380,8 @@ def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
     write_training_record(tmp_path, Recipe(seed=7), report)
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["command"] == "python -m edje.train default --seed 7"
-    assert record["recipe"]["seed"] == 7 and record["report"]["reranked_R@1"] == 77.1
+    assert record["recipe"]["seed"] == 7
+    assert record["report"]["text_to_image"]["reranked"]["R@1"] == 77.1
     text = (tmp_path / "TRAINING.md").read_text()
     assert "`python -m edje.train default --seed 7` (seed 7)" in text
     assert "**77.1** (gain 15.4)" in text and "| relation | 100 | 49.0 | 80.0 |" in text

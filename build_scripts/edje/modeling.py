@@ -298,6 +298,33 @@ class EDJEModelForRanking(nn.Module):
         )
         self.language_model.config.max_position_embeddings = needed
 
+    def _encode_layouts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        compressed_tokens: torch.Tensor,
+        output_attentions: bool = False,
+    ):
+        """The joint encoder over full pair layouts (the one embedding path of every entry)."""
+        word_embeddings = self.language_model.bert.embeddings.word_embeddings
+        is_image = input_ids == self.image_token_id
+        slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, compressed_tokens.shape[1] - 1)
+        image_embeds = torch.gather(
+            compressed_tokens.to(word_embeddings.weight.dtype),
+            1,
+            slot.unsqueeze(-1).expand(-1, -1, compressed_tokens.shape[-1]),
+        )
+        inputs_embeds = torch.where(
+            is_image.unsqueeze(-1), image_embeds, word_embeddings(input_ids)
+        )
+        return self.language_model.bert(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_attentions=output_attentions,
+        )
+
     def score_pairs(
         self,
         input_ids: torch.Tensor,
@@ -310,23 +337,35 @@ class EDJEModelForRanking(nn.Module):
         The k-th ``<image>`` position of each row receives that row's k-th compressed token.
         Returns logits of shape (B,).
         """
-        word_embeddings = self.language_model.bert.embeddings.word_embeddings
-        is_image = input_ids == self.image_token_id
-        slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, compressed_tokens.shape[1] - 1)
-        image_embeds = torch.gather(
-            compressed_tokens.to(word_embeddings.weight.dtype),
-            1,
-            slot.unsqueeze(-1).expand(-1, -1, compressed_tokens.shape[-1]),
-        )
-        inputs_embeds = torch.where(
-            is_image.unsqueeze(-1), image_embeds, word_embeddings(input_ids)
-        )
-        hidden = self.language_model.bert(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
+        hidden = self._encode_layouts(
+            input_ids, attention_mask, token_type_ids, compressed_tokens
         ).last_hidden_state
         return self.classification_head(hidden).squeeze(-1)
+
+    def pair_hidden_states(
+        self,
+        compressed_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ):
+        """The joint encoder's output for text-only tokenizations paired with image tokens.
+
+        Takes what :meth:`forward` takes (each row's Q image tokens go right after its text)
+        and returns the BERT output: ``last_hidden_state`` (B, L + Q + 1, D), and with
+        ``output_attentions`` (eager attention only) ``attentions``, one tensor per layer.
+        Training's losses and the probes read the hidden states through this method.
+        """
+        pair_ids, pair_mask, pair_types = build_pair_layout(
+            input_ids,
+            attention_mask,
+            compressed_tokens.shape[1],
+            self.image_token_id,
+            self.language_model.config.pad_token_id or 0,
+        )
+        return self._encode_layouts(
+            pair_ids, pair_mask, pair_types, compressed_tokens, output_attentions
+        )
 
     def forward(
         self,
@@ -343,14 +382,10 @@ class EDJEModelForRanking(nn.Module):
         """
         if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
             raise ValueError("forward() takes the text-only tokenization; use score_pairs()")
-        pair_ids, pair_mask, pair_types = build_pair_layout(
-            input_ids,
-            attention_mask,
-            compressed_tokens.shape[1],
-            self.image_token_id,
-            self.language_model.config.pad_token_id or 0,
-        )
-        return self.score_pairs(pair_ids, pair_mask, pair_types, compressed_tokens)
+        hidden = self.pair_hidden_states(
+            compressed_tokens, input_ids, attention_mask
+        ).last_hidden_state
+        return self.classification_head(hidden).squeeze(-1)
 
 
 __all__ = [

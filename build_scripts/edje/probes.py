@@ -56,7 +56,7 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int =
 
 def feature_probes(features: torch.Tensor, labels: torch.Tensor, patch: int) -> dict[str, float]:
     """Probe ``features`` [N, P, D] against the renderer's label maps [N, H, W]."""
-    from edje.train import patch_object_mix
+    from edje.training.data import patch_object_mix
 
     n, p, _ = features.shape
     features = features.float()
@@ -83,7 +83,7 @@ def feature_probes(features: torch.Tensor, labels: torch.Tensor, patch: int) -> 
 
 def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
     """Last hidden states and label maps of ``images`` rendered validation images."""
-    from edje.train import to_uint8
+    from edje.training.data import to_uint8
 
     examples = list(synthetic.generate("val", seed, max_scenes=images, labels=True))
     pixels = to_uint8([e.image for e in examples]).float() / 127.5 - 1.0  # as PairData
@@ -95,7 +95,7 @@ def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
 @torch.no_grad()
 def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, dict]:
     """Masked-word accuracy per word group, own image vs another scene's (see module doc)."""
-    from edje.train import pair_hidden, word_group_ids
+    from edje.training.data import word_group_ids
 
     indexing, _ = source.build_indexing_model()
     ranking, _ = source.build_ranking_model()
@@ -118,7 +118,8 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
         masked = torch.where(hit, torch.full_like(ids, tokenizer.mask_token_id), ids)[rows]
         report[name] = {"captions": int(rows.sum())}
         for label, image in (("own_image", tokens), ("other_image", others)):
-            hidden = pair_hidden(ranking.eval(), masked, mask[rows], image[rows])
+            out = ranking.eval().pair_hidden_states(image[rows], masked, mask[rows])
+            hidden = out.last_hidden_state
             pred = ranking.language_model.cls(hidden[:, : ids.shape[1]]).argmax(-1)
             right = (pred == ids[rows])[hit[rows]]
             report[name][label] = round(float(right.float().mean()), 3)
@@ -137,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=400, help="validation images (400)")
     args = parser.parse_args(argv)
     if args.stage1:
-        from edje.train import Recipe, first_stage_config, new_first_stage, world_tokenizer
+        from edje.training.data import world_tokenizer
+        from edje.training.first_stage import first_stage_config, new_first_stage
+        from edje.training.recipe import Recipe
 
         recipe = Recipe()
         tokenizer = world_tokenizer(recipe.text_len)

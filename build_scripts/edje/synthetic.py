@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edje_client.evaluation import is_hard
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -40,7 +42,9 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SPLITS = ("train", "val", "test")
-HARD_KINDS = ("relation", "attribute_swap", "count")
+CAPTION_KINDS = ("plain", "relation", "attribute_swap", "count")  # a caption's ``kind`` tag
+# The hard subset, as edje_client.evaluation defines it (every kind but plain).
+HARD_KINDS = tuple(kind for kind in CAPTION_KINDS if is_hard(kind))
 RADIUS = {"small": 7, "large": 12, "count": 5}
 
 Obj = tuple[str, str, str]  # (colour, shape, size)
@@ -395,6 +399,7 @@ def write_karpathy(out_dir: str | Path, split: str = "test", seed: int = 0, **kw
 
 
 __all__ = [
+    "CAPTION_KINDS",
     "HARD_KINDS",
     "Example",
     "Scene",

@@ -1,20 +1,24 @@
 """Recall@K for text->image and image->text retrieval: first stage alone vs EDJE re-ranking.
 
+The one evaluation stack: ``edje eval`` (through the server) and training's evaluation
+(``python -m edje.train evaluate``, with torch) both hand their score matrices to
+:func:`rerank_report`, so their reports have the same keys.
+
 Reads datasets in the Karpathy JSON format of the Flickr30k and COCO evaluations::
 
     {"images": [{"filename": "1000092795.jpg", "filepath": "...", "split": "test",
-                 "sentences": [{"raw": "Two young guys ..."}, ...]}, ...]}
+                 "sentences": [{"raw": "Two young guys ...", "kind": "relation"}, ...]}, ...]}
 
 As in the paper, the first stage ranks the whole collection by cosine similarity of SigLIP
 embeddings and EDJE re-ranks the first stage's top ``k`` (10 by default). An optional ``kind``
 field on a sentence (e.g. ``"relation"``) adds text->image R@1 per kind to the report, and over
-the *hard subset*: every caption with a kind other than ``"plain"``.
+the *hard subset* (:func:`is_hard`): every caption with a kind other than ``"plain"``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import numpy as np
 from edje_client.search import rerank_order
 
 KS = (1, 5, 10)
+PLAIN_KIND = "plain"  # the one caption kind outside the hard subset
 
 
 @dataclass
@@ -54,12 +59,22 @@ class KarpathyDataset:
         return cls(images, captions, np.array(owner, dtype=np.int64), kinds)
 
 
+def is_hard(kind: str | None) -> bool:
+    """Whether a caption of ``kind`` is in the *hard subset*: every tagged kind but plain."""
+    return kind is not None and kind != PLAIN_KIND
+
+
 def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """R@K in percent from the 0-based rank of each query's first relevant item."""
     return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
-def _first_relevant_rank(order: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+def first_stage_order(sims: np.ndarray) -> np.ndarray:
+    """Each row's items, best first by first-stage similarity (ties: the lower index first)."""
+    return np.argsort(-sims, axis=1, kind="stable")
+
+
+def first_relevant_rank(order: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """For each row of ``order`` (item ids, best first), the position of the first relevant."""
     hits = relevant[np.arange(len(order))[:, None], order]
     return np.where(hits.any(1), hits.argmax(1), order.shape[1])
@@ -77,7 +92,7 @@ def _rerank(
     queries = np.repeat(np.arange(len(order)), k)
     candidates = order[:, :k].reshape(-1)
     captions, images = (queries, candidates) if query_is_text else (candidates, queries)
-    scores = pair_scores(captions, images).reshape(len(order), k)
+    scores = np.asarray(pair_scores(captions, images)).reshape(len(order), k)
     out = order.copy()
     for q in range(len(order)):
         first = sims[q, order[q, :k]]
@@ -85,43 +100,54 @@ def _rerank(
     return out
 
 
-def evaluate_retrieval(
-    image_embeddings: np.ndarray,
-    text_embeddings: np.ndarray,
-    caption_image: np.ndarray,
+def _r1(first: np.ndarray, after: np.ndarray, mask: np.ndarray) -> dict:
+    """Text->image R@1 over the queries in ``mask``, first stage and re-ranked."""
+    return {
+        "queries": int(mask.sum()),
+        "first_stage": float(100 * np.mean(first[mask] < 1)),
+        "reranked": float(100 * np.mean(after[mask] < 1)),
+    }
+
+
+def rerank_report(
+    sims: np.ndarray,
+    relevant: np.ndarray,
     pair_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
     k: int = 10,
-    caption_kind: list[str | None] | None = None,
-    captions: list[str] | None = None,
-    image_names: list[str] | None = None,
+    image_to_text: bool = True,
+    caption_kind: Sequence[str | None] | None = None,
+    captions: Sequence[str] | None = None,
+    image_names: Sequence[str] | None = None,
     examples: int = 5,
 ) -> dict:
-    """Recall@1/5/10 both ways, first stage and re-ranked.
+    """Recall@1/5/10, first stage and re-ranked, from score matrices.
 
-    ``pair_scores(caption_indices, image_indices)`` returns EDJE's logit for each pair. With
-    ``captions``, the report lists up to ``examples`` text queries that re-ranking fixed (the
-    first stage's top 1 was wrong, the re-ranked top 1 is right), named by ``image_names``.
+    ``sims`` [captions, images] are first-stage similarities and ``relevant`` (same shape,
+    bool) says which images each caption describes. ``pair_scores(caption_indices,
+    image_indices)`` returns EDJE's logit for each pair: it is called once per direction,
+    with each query's first ``k`` candidates (:func:`first_stage_order`), query after query.
+    ``image_to_text=False`` leaves that direction out. With ``captions``, the report lists up
+    to ``examples`` text queries that re-ranking fixed (the first stage's top 1 was wrong, the
+    re-ranked top 1 is right), named by ``image_names``.
     """
-    sims = text_embeddings @ image_embeddings.T  # [captions, images]
     n_captions, n_images = sims.shape
-    t2i_relevant = caption_image[:, None] == np.arange(n_images)[None, :]
-    t2i_order = np.argsort(-sims, axis=1, kind="stable")
+    t2i_order = first_stage_order(sims)
     t2i_rerank = _rerank(t2i_order, sims, k, pair_scores, query_is_text=True)
-    i2t_order = np.argsort(-sims.T, axis=1, kind="stable")
-    i2t_rerank = _rerank(i2t_order, sims.T, k, pair_scores, query_is_text=False)
-
-    t2i_first = _first_relevant_rank(t2i_order, t2i_relevant)
-    t2i_after = _first_relevant_rank(t2i_rerank, t2i_relevant)
+    t2i_first = first_relevant_rank(t2i_order, relevant)
+    t2i_after = first_relevant_rank(t2i_rerank, relevant)
     report = {
         "k": k,
         "num_images": n_images,
         "num_captions": n_captions,
         "text_to_image": {"first_stage": recalls(t2i_first), "reranked": recalls(t2i_after)},
-        "image_to_text": {
-            "first_stage": recalls(_first_relevant_rank(i2t_order, t2i_relevant.T)),
-            "reranked": recalls(_first_relevant_rank(i2t_rerank, t2i_relevant.T)),
-        },
     }
+    if image_to_text:
+        i2t_order = first_stage_order(sims.T)
+        i2t_rerank = _rerank(i2t_order, sims.T, k, pair_scores, query_is_text=False)
+        report["image_to_text"] = {
+            "first_stage": recalls(first_relevant_rank(i2t_order, relevant.T)),
+            "reranked": recalls(first_relevant_rank(i2t_rerank, relevant.T)),
+        }
     fixed = (t2i_first >= 1) & (t2i_after < 1)
     report["text_to_image_fixed"] = int(fixed.sum())
     report["text_to_image_broken"] = int(((t2i_first < 1) & (t2i_after >= 1)).sum())
@@ -138,23 +164,38 @@ def evaluate_retrieval(
         ]
     kinds = sorted({c for c in caption_kind or [] if c})
     if kinds:
-        hard = np.array([c is not None and c != "plain" for c in caption_kind])
+        hard = np.array([is_hard(c) for c in caption_kind])
         if hard.any():
-            report["text_to_image_r1_hard"] = {
-                "queries": int(hard.sum()),
-                "first_stage": float(100 * np.mean(t2i_first[hard] < 1)),
-                "reranked": float(100 * np.mean(t2i_after[hard] < 1)),
-            }
+            report["text_to_image_r1_hard"] = _r1(t2i_first, t2i_after, hard)
         report["text_to_image_r1_by_kind"] = {
-            kind: {
-                "queries": int(mask.sum()),
-                "first_stage": float(100 * np.mean(t2i_first[mask] < 1)),
-                "reranked": float(100 * np.mean(t2i_after[mask] < 1)),
-            }
+            kind: _r1(t2i_first, t2i_after, mask)
             for kind in kinds
             if (mask := np.array([c == kind for c in caption_kind])).any()
         }
     return report
+
+
+def evaluate_retrieval(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    caption_image: np.ndarray,
+    pair_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    k: int = 10,
+    caption_kind: list[str | None] | None = None,
+    captions: list[str] | None = None,
+    image_names: list[str] | None = None,
+    examples: int = 5,
+) -> dict:
+    """Recall@1/5/10 both ways, first stage and re-ranked (see :func:`rerank_report`).
+
+    ``caption_image`` is the image each caption describes; ``pair_scores(caption_indices,
+    image_indices)`` returns EDJE's logit for each pair.
+    """
+    sims = text_embeddings @ image_embeddings.T  # [captions, images]
+    relevant = caption_image[:, None] == np.arange(len(image_embeddings))[None, :]
+    return rerank_report(
+        sims, relevant, pair_scores, k, True, caption_kind, captions, image_names, examples
+    )
 
 
 def markdown_table(report: dict) -> str:
@@ -162,6 +203,8 @@ def markdown_table(report: dict) -> str:
     head = "| Direction | Stage | " + " | ".join(f"R@{k}" for k in KS) + " |"
     lines = [head, "|" + " --- |" * (2 + len(KS))]
     for direction, title in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+        if direction not in report:
+            continue
         for stage, name in (
             ("first_stage", "first stage"),
             ("reranked", f"+ EDJE top-{report['k']}"),

@@ -1,0 +1,81 @@
+"""Grounding targets (synthetic world): where in the image each caption word should look.
+
+From the renderer's label maps, every word of a noun phrase ("red", "circle" of "a small red
+circle") gets its object's share of each of the Q image cells; optionally each relation word
+("left", "above") gets the object it points at. :func:`edje.training.losses.grounding_loss`
+teaches the first heads of the first layers to attend that way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from edje import synthetic
+from edje.training.data import PairData, patch_object_mix
+
+
+def grounding_targets(
+    data: PairData,
+    batch: dict[str, np.ndarray],
+    enc,
+    length: int,
+    num_tokens: int,
+    phrase_classes: Callable[[str], list[int]],
+    relations: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target [B, L, Q], valid [B, L])`` for the positives of ``batch``: per token, the
+    share of its object in each image cell (rows sum to 1 where ``valid``).
+
+    ``enc`` is the positives' tokenization (``word_ids``), ``length`` the padded text length,
+    ``num_tokens`` Q, a square number.
+    """
+    b, q = len(batch["cap"]), num_tokens
+    cell = data.labels.shape[-1] // math.isqrt(q)
+    mix = patch_object_mix(data.labels[torch.as_tensor(batch["img"])], cell)  # [B, Q, C]
+    classes = torch.zeros(b, length, dtype=torch.long)
+    for row, c in enumerate(batch["cap"]):
+        per_word = phrase_classes(data.captions[c])
+        for t, w in enumerate(enc.word_ids(row)[:length]):
+            if w is not None:
+                classes[row, t] = per_word[w]
+    if relations:
+        classes = relation_classes(data, batch, enc, classes, length)
+    target = torch.gather(mix, 2, classes[:, None, :].expand(-1, q, -1)).transpose(1, 2)
+    total = target.sum(-1, keepdim=True)  # [B, L, 1]
+    valid = (classes > 0) & (total.squeeze(-1) > 0)
+    return target / total.clamp_min(1e-9), valid
+
+
+def relation_classes(
+    data: PairData, batch: dict[str, np.ndarray], enc, classes: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Give each relation word ("left", "above", ...) of a two-object caption the class of
+    the object it points at in this image (label-map centroids), so that a grounding head
+    learns *where*: "left" looks at whatever is further left."""
+    labels = data.labels[torch.as_tensor(batch["img"])]
+    size = labels.shape[-1]
+    coords = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"))
+    for row, c in enumerate(batch["cap"]):
+        present = sorted({int(k) for k in classes[row].tolist() if k > 0})
+        if len(present) != 2:  # needs two objects of different classes
+            continue
+        centre = []
+        for k in present:
+            where = labels[row] == k
+            if not where.any():
+                break
+            centre.append(coords[:, where].float().mean(1))  # (y, x)
+        if len(centre) != 2:
+            continue
+        words = data.captions[c].split()
+        for t, w in enumerate(enc.word_ids(row)[:length]):
+            if w is None or words[w] not in synthetic.RELATION_POINTS:
+                continue
+            axis, sign = synthetic.RELATION_POINTS[words[w]]
+            further = int(sign * (centre[1][axis] - centre[0][axis]) > 0)
+            classes[row, t] = present[further]
+    return classes
