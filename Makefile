@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m edje.demo
+	$(PY) -m edje.tools.demo
 
 test: setup
 	$(PY) -m ruff check .
@@ -76,7 +76,7 @@ default-model: setup
 
 # Side-by-side benchmarks: docs/performance.md, docs/bench_results.json, docs/bench_*.png.
 bench: setup
-	$(PY) -m edje.bench --out docs
+	$(PY) -m edje.tools.bench --out docs
 
 # Bounded headless locust run against a freshly started server; reports in build/loadtest/.
 loadtest: setup $(REPO_DIR)/edje_manifest.json

@@ -138,7 +138,7 @@ def test_cli_rerank_by_id(bank_server, capsys):
 
 
 def test_bank_store_follows_appends_compaction_and_retries_a_failed_read(tmp_path):
-    from edje.bench_collections import load_bank_module
+    from edje.tools.bench_collections import load_bank_module
 
     collection = ImageCollection(tmp_path / "c")
     collection.add(*_entries(0, 10))

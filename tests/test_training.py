@@ -160,7 +160,7 @@ def test_spatial_adapter_init_windows_each_cell():
 
 
 def test_probes_read_what_the_features_hold():
-    from edje.probes import feature_probes
+    from edje.tools.probes import feature_probes
 
     examples = list(synthetic.generate("val", seed=0, max_scenes=60, labels=True))
     labels = torch.from_numpy(np.stack([e.labels for e in examples]))
@@ -252,7 +252,7 @@ def test_image_tokens_reach_the_encoder(tiny_setup):
 
 
 def test_joint_encoder_probe_reports_own_and_other_image(tiny_source):
-    from edje.probes import joint_encoder_probes
+    from edje.tools.probes import joint_encoder_probes
 
     report = joint_encoder_probes(tiny_source, images=12)
     assert report, "no word group of the world was probed"

@@ -23,18 +23,15 @@ from transformers import AutoConfig, SiglipTextModel
 
 from edje.checkpoint import LoadReport, load_into, read_state_dict
 from edje.configuration import (
+    ADAPTER_MLP_DIM,
+    IMAGE_TOKEN,
     MAX_TEXT_TOKENS,
+    PROJECTION_COMPRESSED,
     PUBLISHED_NUM_TOKENS,
     QUERY_TOKENS,
     EDJEConfig,
 )
-from edje.modeling import (
-    ADAPTER_MLP_DIM,
-    IMAGE_TOKEN,
-    PROJECTION_COMPRESSED,
-    EDJEModelForIndexing,
-    EDJEModelForRanking,
-)
+from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 
 CONFIG_NAME = "edje_config.json"
 

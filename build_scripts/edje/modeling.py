@@ -26,10 +26,13 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertPooler
 
-IMAGE_TOKEN = "<image>"
-ADAPTER_MLP_DIM = 8192
-PROJECTION_COMPRESSED = "compressed"
-PROJECTION_LOCAL = "local"
+from edje.configuration import (
+    ADAPTER_MLP_DIM,
+    MAX_TEXT_TOKENS,
+    PROJECTION_COMPRESSED,
+    PROJECTION_LOCAL,
+    PUBLISHED_NUM_TOKENS,
+)
 
 
 def accept_nested_siglip_names(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
@@ -147,7 +150,7 @@ class EDJEModelForIndexing(nn.Module):
         self,
         siglip_path: str | None = None,
         language_model_path: str | None = None,
-        num_compressed_tokens: int = 64,
+        num_compressed_tokens: int = PUBLISHED_NUM_TOKENS,
         *,
         vision_config: SiglipVisionConfig | None = None,
         language_config: PretrainedConfig | None = None,
@@ -256,7 +259,7 @@ class EDJEModelForRanking(nn.Module):
     def __init__(
         self,
         language_model_path: str | None = None,
-        num_compressed_tokens: int = 64,
+        num_compressed_tokens: int = PUBLISHED_NUM_TOKENS,
         *,
         language_config: PretrainedConfig | None = None,
         image_token_id: int | None = None,
@@ -277,7 +280,7 @@ class EDJEModelForRanking(nn.Module):
             # One extra row for the added special token <image>.
             self.language_model.resize_token_embeddings(self.image_token_id + 1)
         self.num_compressed_tokens = num_compressed_tokens
-        self._grow_position_table(64 + num_compressed_tokens)
+        self._grow_position_table(MAX_TEXT_TOKENS + num_compressed_tokens)
         self.classification_head = nn.Sequential(
             BertPooler(config), nn.Linear(config.hidden_size, 1)
         )
@@ -389,7 +392,6 @@ class EDJEModelForRanking(nn.Module):
 
 
 __all__ = [
-    "IMAGE_TOKEN",
     "EDJEModelForIndexing",
     "EDJEModelForRanking",
     "IndexingOutput",

@@ -1,4 +1,13 @@
-"""Thin Python client for EDJE on Triton (needs tritonclient, numpy and Pillow; never torch)."""
+"""Thin Python client for EDJE on Triton (tritonclient, numpy, Pillow and pylance; never torch).
+
+* Talking to Triton: ``client`` (``EDJEClient`` and its asyncio twin), ``errors`` (one
+  exception tree), ``results``, ``server`` (the embedded ``tritonserver``).
+* Storing images: ``collection`` (one Lance dataset per collection) with ``collection_format``,
+  ``first_stage`` (its exact or indexed search), ``distributed`` (indexing on Ray Data) and
+  ``legacy_store`` (migration from the earlier format).
+* Using them: ``search``, ``evaluation``, the ``edje`` command (``cli``, ``collection_cli``) and
+  the HTTP API (``api``).
+"""
 
 from edje_client.client import AsyncEDJEClient, EDJEClient
 from edje_client.errors import (

@@ -18,6 +18,8 @@ from edje.training.first_stage import embed_texts
 from edje.training.recipe import StageTwo
 from edje.training.trainer import EDJETrainer
 
+EMBED_BATCH = 64  # images per ViT pass when embedding the gallery
+
 
 def finetune(
     source: str | Path,
@@ -53,8 +55,9 @@ def finetune(
     features = Features(indexing.vision_encoder, pairs, cache=cache, device=device)
     with torch.no_grad():
         embs = []
-        for s in range(0, len(pairs.image_group), 64):
-            px = pairs.pixel_values(range(s, min(s + 64, len(pairs.image_group)))).to(device)
+        n = len(pairs.image_group)
+        for s in range(0, n, EMBED_BATCH):
+            px = pairs.pixel_values(range(s, min(s + EMBED_BATCH, n))).to(device)
             pooled = indexing.vision_encoder(pixel_values=px).pooler_output
             embs.append(F.normalize(pooled, dim=-1).cpu())
         image_emb = torch.cat(embs)

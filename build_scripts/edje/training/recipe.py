@@ -33,7 +33,7 @@ class Recipe:
     stage1_position_weight: float = 0.2
     # Auxiliary loss: each patch's mix of objects (colour x shape, from the renderer's label map).
     # The tiny ViT stands in for a web-scale SigLIP, which sees shapes. Linear probe of an
-    # object's shape (3-way) from its mean patch feature (python -m edje.probes): 45% with the
+    # object's shape (3-way) from its mean patch feature (python -m edje.tools.probes): 45% with the
     # sigmoid loss alone, 49% at weight 1, 88% at weight 5; colour is 100% throughout.
     stage1_object_weight: float = 5.0
     # EDJE

@@ -11,8 +11,8 @@ images, for:
 Chance is 1/P, 1/6 and 1/3. Run on a stage-1 checkpoint of the default ``Recipe``'s sizes
 (``python -m edje.train default --stage1-cache FILE`` writes one), or on a model source's ViT::
 
-    python -m edje.probes --stage1 build/stage1.pt
-    python -m edje.probes --source build_scripts/edje/default_model
+    python -m edje.tools.probes --stage1 build/stage1.pt
+    python -m edje.tools.probes --source build_scripts/edje/default_model
 
 With ``--source``, a second probe asks whether the *joint encoder* uses the image: every word
 of one kind (all colours, all shapes, ...) of a validation caption is masked and predicted
@@ -128,7 +128,7 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m edje.probes",
+        prog="python -m edje.tools.probes",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

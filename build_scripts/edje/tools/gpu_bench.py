@@ -3,7 +3,7 @@
 Sized to finish in a few minutes on one GPU (the TensorRT engine build dominates); runs
 unchanged on any CUDA machine with ``torch`` (CUDA build) and ``onnxruntime-gpu``::
 
-    python -m edje.gpu_bench --out gpu_bench.json
+    python -m edje.tools.gpu_bench --out gpu_bench.json
 
 Weights are random (throughput does not depend on them). Pairs are MiniLM-L12-H384 with Q=64
 image tokens and 16 text tokens (81 positions), as in ``make bench``. Without CUDA it says so
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.bench import TEXT_LEN, Q, pair_inputs
 from edje.configuration import published_language_config
+from edje.tools.bench import TEXT_LEN, Q, pair_inputs
 
 
 def torch_bf16(model, feeds: dict, seconds: float) -> float:

@@ -15,7 +15,7 @@ round by round, because this machine is shared and noisy. Sections:
    p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
 5. **Bytes and images:** bytes per pair on the wire, storage per image, indexing images/s.
 6. **Collections:** the token bank's random gather against an in-RAM numpy gather and Lance's
-   ``take`` (:mod:`edje.bench_collections`).
+   ``take`` (:mod:`edje.tools.bench_collections`).
 
 Writes ``results.json``, PNG plots and ``performance.md`` into ``--out`` (default ``docs``).
 """
@@ -37,16 +37,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edje.bench_collections import markdown_lines as gather_lines
-from edje.bench_collections import section_gather
 from edje.configuration import (
     MAX_TEXT_TOKENS,
     EDJEConfig,
     published_language_config,
     published_vision_config,
 )
+from edje.tools.bench_collections import markdown_lines as gather_lines
+from edje.tools.bench_collections import section_gather
 
-log = logging.getLogger("edje.bench")
+log = logging.getLogger("edje.tools.bench")
 
 PUBLISHED = EDJEConfig()  # the real-size shape contract: Q = 64, D = 384
 Q, D = PUBLISHED.token_shape

@@ -14,7 +14,7 @@ Each row has recall@10 against exact, median/p95 single-query latency (one query
 caches), build seconds and size notes. Everything runs on ONE thread (the env below is forced
 before numpy/lance load). Writes JSON to ``--out`` and prints a markdown table.
 
-    python -m edje.bench_first_stage --out docs/first_stage.json [--sizes 2000]
+    python -m edje.tools.bench_first_stage --out docs/first_stage.json [--sizes 2000]
 """
 
 from __future__ import annotations
