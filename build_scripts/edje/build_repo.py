@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edje.configuration import PUBLISHED_NUM_TOKENS
+
 log = logging.getLogger("edje.build_repo")
 
 # The templates live at the top of the source tree (model_repository/), beside this package, so
@@ -102,6 +104,21 @@ class RepoSettings:
             raise ValueError("--tensorrt needs --gpu")
         if self.quantize_ranker not in ("", "int8"):
             raise ValueError(f"--quantize-ranker takes 'int8', got {self.quantize_ranker!r}")
+
+
+# Integer settings that edje-build-repo exposes, with their help (None: the name says it).
+INT_OPTIONS = {
+    "rank_max_batch_size": None,
+    "rank_queue_delay_us": None,
+    "index_max_batch_size": None,
+    "rank_max_queue_size": "ranker requests queued before new ones are refused with UNAVAILABLE",
+    "rank_queue_timeout_us": "a ranker request queued longer is refused (0: no timeout)",
+    "ranker_instances": None,
+    "intra_op_threads": "ONNX Runtime threads per instance (0: ORT's default)",
+    "max_image_pixels": "refuse larger images (decompression-bomb guard)",
+    "max_bank_bytes": "refuse a token bank whose tokens exceed this (0: the machine's RAM or "
+    "the container's memory limit)",
+}
 
 
 def template_values(
@@ -293,7 +310,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     src.add_argument("--siglip", help="SigLIP model directory or hub name (config + processor)")
     src.add_argument("--language-model", help="MiniLM directory or hub name (config + tokenizer)")
-    src.add_argument("--num-compressed-tokens", type=int, default=64, help="Q (default 64)")
+    src.add_argument(
+        "--num-compressed-tokens",
+        type=int,
+        default=PUBLISHED_NUM_TOKENS,
+        help=f"Q (default {PUBLISHED_NUM_TOKENS}, the published model's)",
+    )
     src.add_argument("--projection", choices=("compressed", "local"), default="compressed")
     out = p.add_argument_group("output")
     out.add_argument("--output", default="build/model_repository", help="repository directory")
@@ -305,34 +327,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     out.add_argument("--gpu", action="store_true", help="KIND_GPU instances (onnxruntime only)")
     out.add_argument("--tensorrt", action="store_true", help="TensorRT FP16 accelerator (--gpu)")
-    out.add_argument("--rank-max-batch-size", type=int, default=RepoSettings.rank_max_batch_size)
-    out.add_argument("--rank-queue-delay-us", type=int, default=RepoSettings.rank_queue_delay_us)
-    out.add_argument("--index-max-batch-size", type=int, default=RepoSettings.index_max_batch_size)
-    out.add_argument(
-        "--rank-max-queue-size",
-        type=int,
-        default=RepoSettings.rank_max_queue_size,
-        help="ranker requests queued before new ones are refused with UNAVAILABLE",
-    )
-    out.add_argument(
-        "--rank-queue-timeout-us",
-        type=int,
-        default=RepoSettings.rank_queue_timeout_us,
-        help="a ranker request queued longer is refused (0: no timeout)",
-    )
-    out.add_argument("--ranker-instances", type=int, default=RepoSettings.ranker_instances)
-    out.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=RepoSettings.intra_op_threads,
-        help="ONNX Runtime threads per instance (0: ORT's default)",
-    )
-    out.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=RepoSettings.max_image_pixels,
-        help="refuse larger images (decompression-bomb guard)",
-    )
+    for name, help_text in INT_OPTIONS.items():
+        default = getattr(RepoSettings, name)
+        out.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=default,
+            help=f"{help_text} (default: {default})" if help_text else f"default: {default}",
+        )
     out.add_argument(
         "--quantize-ranker",
         choices=("int8",),
@@ -346,13 +348,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also serve edje_rank_by_id, ranking the images of this collection (a path or a "
         "dataset URI) by id",
     )
-    out.add_argument(
-        "--max-bank-bytes",
-        type=int,
-        default=RepoSettings.max_bank_bytes,
-        help="refuse a token bank whose tokens exceed this (0: the machine's RAM or the "
-        "container's memory limit)",
-    )
     return p.parse_args(argv)
 
 
@@ -364,17 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         runtime=args.runtime,
         gpu=args.gpu,
         tensorrt=args.tensorrt,
-        rank_max_batch_size=args.rank_max_batch_size,
-        rank_queue_delay_us=args.rank_queue_delay_us,
-        index_max_batch_size=args.index_max_batch_size,
-        ranker_instances=args.ranker_instances,
-        rank_max_queue_size=args.rank_max_queue_size,
-        rank_queue_timeout_us=args.rank_queue_timeout_us,
-        intra_op_threads=args.intra_op_threads,
-        max_image_pixels=args.max_image_pixels,
         token_bank=args.token_bank,
-        max_bank_bytes=args.max_bank_bytes,
         quantize_ranker=args.quantize_ranker,
+        **{name: getattr(args, name) for name in INT_OPTIONS},
     )
     try:
         settings.validate()
