@@ -20,13 +20,23 @@ DATASET ?=
 EVAL_DIR ?= build/eval
 
 SOAK_SECONDS ?= 60
+# The HTTP API's memory soak runs at least 5 minutes under `make soak` (10 s in `make test`).
+API_SOAK_SECONDS ?= $(shell echo $$(( $(SOAK_SECONDS) > 300 ? $(SOAK_SECONDS) : 300 )))
+COLLECTION ?=
+API_HOST ?= 127.0.0.1
+API_PORT ?= 8080
 
-.PHONY: setup demo test test-slow soak repo serve eval bench loadtest default-model lint format clean
+.PHONY: setup demo test test-slow soak repo serve api eval bench loadtest default-model lint format clean
 
 setup: $(STAMP)
 
-# CPU torch first (a plain `torch` may pull a multi-GB CUDA build), then the project.
+# Debian's chromium for the search page's browser test (tests/test_page.py), when missing and
+# we may install it (root); then CPU torch first (a plain `torch` may pull a multi-GB CUDA
+# build), then the project.
 $(STAMP): pyproject.toml
+	command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: chromium is not installed (apt-get install chromium); the page test will fail"
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -40,9 +50,12 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The reliability tests (overload, killed server, reload) for SOAK_SECONDS each instead of 3.
+# The reliability tests (overload, killed server, reload) for SOAK_SECONDS each instead of 3,
+# then the HTTP API's memory soak for API_SOAK_SECONDS (at least 300).
 soak: setup
 	EDJE_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/test_reliability.py -s $(PYTEST_ARGS)
+	EDJE_API_SOAK_SECONDS=$(API_SOAK_SECONDS) $(PY) -m pytest tests/test_api_hostile.py \
+		-k soak -s $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -56,6 +69,13 @@ $(REPO_DIR)/edje_manifest.json:
 serve: setup $(REPO_DIR)/edje_manifest.json
 	$(VENV)/bin/edje serve --model-repository $(REPO_DIR) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# The HTTP API (Cohere/Jina re-rank, search, index) on API_HOST:API_PORT, in front of
+# `make serve`'s Triton (gRPC on HOST:GRPC_PORT): COLLECTION=my-photos/ make api.
+api: setup
+	@test -n "$(COLLECTION)" || { echo "usage: COLLECTION=path/to/collection make api"; exit 2; }
+	$(VENV)/bin/edje api --collection $(COLLECTION) --url $(HOST):$(GRPC_PORT) --protocol grpc \
+		--host $(API_HOST) --port $(API_PORT)
 
 # Recall@1/5/10, first stage vs EDJE re-ranking. DATASET=path/to/karpathy.json, else the
 # synthetic world's held-out test split.

@@ -3,15 +3,16 @@
 No container engine, GPU or cluster is available here (docs/deploy.md lists what that leaves
 unrun). What runs instead:
 
-* hadolint (with its ShellCheck pass) on both Dockerfiles, failing on any finding;
+* hadolint (with its ShellCheck pass) on the three Dockerfiles, failing on any finding;
 * checkov's Kubernetes and Dockerfile policies, once per module;
 * strict schema validation of every core Kubernetes object (kubernetes-validate) for the oldest
   and newest Kubernetes versions we claim; the KubeRay RayJob (a CRD neither validator knows) by
   its pod templates, validated and scanned as core objects, and structurally;
-* cross-checks that the files agree with one another, with the builder and ``edje serve``
-  command lines, with the repository the GPU image bakes, and with docs/deploy.md;
+* cross-checks that the files agree with one another, with the builder, ``edje serve`` and
+  ``edje api`` command lines, with the repository the GPU image bakes, and with docs/deploy.md;
 * the Prometheus-adapter rule's metric names, and the images' HEALTHCHECK command, against the
-  real tritonserver 2.51 (the release the GPU image's container 24.10 ships).
+  real tritonserver 2.51 (the release the GPU image's container 24.10 ships); the API image's
+  HEALTHCHECK against the real ``edje api`` in front of it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ K8S = ROOT / "deploy" / "k8s"
 ADAPTER_VALUES = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
 DOCS = ROOT / "docs" / "deploy.md"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}
+# The HTTP API's image (`edje api`, no Triton, no torch): linted and scanned like the others,
+# checked by the test_api_* tests below.
+API_DOCKERFILE = DOCKER / "Dockerfile.api"
+ALL_DOCKERFILES = {**DOCKERFILES, "api": API_DOCKERFILE}
+# The `api` extra: what Dockerfile.api installs beyond the client, pinned in constraints.txt.
+API_PACKAGES = ("fastapi", "uvicorn", "python-multipart", "prometheus-client")
+# What the API image must never carry: the exporter's stack.
+NOT_IN_API_IMAGE = ("torch", "transformers", "onnx", "nvidia-pytriton")
 BIN = Path(sys.executable).parent
 
 # The path the Deployment mounts the token bank at, and the GPU image is built for.
@@ -137,6 +146,23 @@ def server_container() -> dict:
     return container
 
 
+def api_container() -> dict:
+    (container,) = [c for c in pod_spec()["containers"] if c["name"] == "edje-api"]
+    return container
+
+
+def api_image_command(args: list[str] | None = None) -> list[str]:
+    """What the API image runs: its ENTRYPOINT, then ``args`` (default: its CMD), as a
+    container runtime joins them."""
+    (stage,) = dockerfile_stages(API_DOCKERFILE).values()
+    entrypoint = exec_form(instructions(stage, "ENTRYPOINT")[-1])
+    return entrypoint + (exec_form(instructions(stage, "CMD")[-1]) if args is None else args)
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+
+
 def ray_pod_templates() -> dict[str, dict]:
     """The RayJob's pod templates by role: the submitter, the head and each worker group."""
     spec = k8s_object("RayJob")["spec"]
@@ -202,11 +228,11 @@ def prometheus_samples(text: str) -> dict[tuple[str, frozenset], float]:
 # Linters and validators
 
 
-@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+@pytest.mark.parametrize("flavour", sorted(ALL_DOCKERFILES))
 def test_hadolint_finds_nothing(flavour):
     """hadolint (and the ShellCheck it runs on RUN lines): any finding, even style, fails."""
     result = subprocess.run(
-        [_tool("hadolint"), "--no-color", "--failure-threshold", "style", DOCKERFILES[flavour]],
+        [_tool("hadolint"), "--no-color", "--failure-threshold", "style", ALL_DOCKERFILES[flavour]],
         capture_output=True,
         text=True,
     )
@@ -234,7 +260,7 @@ def checkov(tmp_path_factory) -> dict[str, dict]:
         "kubernetes": ["-d", str(K8S), "--framework", "kubernetes"],
         "rayjob": ["-d", str(ray_dir), "--framework", "kubernetes"],
         "dockerfile": [
-            *(arg for path in DOCKERFILES.values() for arg in ("-f", str(path))),
+            *(arg for path in ALL_DOCKERFILES.values() for arg in ("-f", str(path))),
             "--framework",
             "dockerfile",
         ],
@@ -299,7 +325,7 @@ def test_checkov_dockerfiles(checkov):
     assert _findings(report) == []
     assert report["results"]["skipped_checks"] == []
     scanned = {Path(c["file_path"]).name for c in report["results"]["passed_checks"]}
-    assert scanned == {p.name for p in DOCKERFILES.values()}
+    assert scanned == {p.name for p in ALL_DOCKERFILES.values()}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -338,12 +364,16 @@ def test_every_object_is_namespaced_and_listed_in_the_kustomization():
     for path, doc in k8s_documents():
         if doc["kind"] not in ("Kustomization", "Namespace"):
             assert doc["metadata"]["namespace"] == "edje", path.name
-    # The image kustomize rewrites is the one every pod runs.
-    (image,) = kustomization["images"]
+    # The images kustomize rewrites are the ones the pods run: the GPU image everywhere but the
+    # API container, which runs the API image.
+    images = {i["name"]: i for i in kustomization["images"]}
+    assert set(images) == {"edje-triton-gpu", "edje-api"}
     pods = [pod_spec(), k8s_object("Job")["spec"]["template"]["spec"]]
     for spec in pods:
         for container in spec.get("initContainers", []) + spec["containers"]:
-            assert container["image"].partition(":")[0] == image["name"], container["name"]
+            want = "edje-api" if container["name"] == "edje-api" else "edje-triton-gpu"
+            name, _, tag = container["image"].partition(":")
+            assert name == want and tag == images[want]["newTag"], container["name"]
 
 
 def test_probes_ports_and_resources():
@@ -357,11 +387,13 @@ def test_probes_ports_and_resources():
         "readinessProbe": ("/v2/health/ready", "http"),
         "livenessProbe": ("/v2/health/live", "http"),
     }
-    # The startup probe outlasts the GPU image's HEALTHCHECK start period (engine builds).
+    # The startup probe is sized for a warm start (engines on the trt-cache volume); the GPU
+    # image's HEALTHCHECK keeps the longer start period of a plain `docker run`, which may build
+    # them (test_startup_probe_budget_is_the_documented_one checks the number).
     startup = container["startupProbe"]
     (healthcheck,) = instructions(dockerfile_stages(DOCKERFILES["gpu"])["runtime"], "HEALTHCHECK")
     start_period = re.search(r"--start-period=(\d+)m", healthcheck)
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60 * int(start_period[1])
+    assert startup["periodSeconds"] * startup["failureThreshold"] <= 60 * int(start_period[1])
 
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
@@ -373,6 +405,57 @@ def test_probes_ports_and_resources():
     exit_timeout = int(next(a for a in container["args"] if "exit-timeout" in a).split("=")[1])
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod_spec()["terminationGracePeriodSeconds"] >= pause + exit_timeout
+
+
+def test_api_container_probes_ports_and_command():
+    """The API container: ``edje api`` on all the pod's interfaces at 8080, Triton on the pod's
+    loopback, probes on /health, the key from an optional Secret."""
+    from edje_client.api.server import GRACEFUL_SECONDS
+    from edje_client.api.settings import API_KEY_ENV, DEFAULT_HOST
+
+    container = api_container()
+    assert "command" not in container  # the image's ENTRYPOINT runs, with these args as CMD
+    command = api_image_command(container["args"])
+    assert command[:2] == ["edje", "api"]
+    args = edje_cli().parse_args(command[1:])
+    assert args.command == "api"
+    # 0.0.0.0 only inside the container: the CLI's own default stays the loopback.
+    assert args.host == "0.0.0.0" and DEFAULT_HOST == "127.0.0.1"
+    assert edje_cli().parse_args(["api", "--collection", "c"]).host == "127.0.0.1"
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("http-api", args.port) == ("http-api", 8080)
+    triton_grpc = next(
+        p["containerPort"] for p in server_container()["ports"] if p["name"] == "grpc"
+    )
+    assert args.protocol == "grpc" and args.url == f"127.0.0.1:{triton_grpc}"
+    assert args.api_key is None  # never an argument (it would show in `ps` and the pod spec)
+    # The collection is the token bank's volume, as Triton's bank sees it, read-only.
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == args.collection]
+    assert args.collection == BANK_PATH and mount["readOnly"] is True
+    assert mount["name"] == next(
+        m["name"] for m in server_container()["volumeMounts"] if m["mountPath"] == BANK_PATH
+    )
+
+    # Every probe asks /health on the API's port; the startup probe waits as long as Triton's
+    # (its /health is 503 until Triton is ready).
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[kind]["httpGet"] == {"path": "/health", "port": "http-api"}, kind
+    startup, triton_startup = container["startupProbe"], server_container()["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= triton_startup["periodSeconds"] * triton_startup["failureThreshold"]
+
+    (env,) = container["env"]
+    assert env["name"] == API_KEY_ENV
+    assert env["valueFrom"]["secretKeyRef"]["optional"] is True
+
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"])
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    assert "nvidia.com/gpu" not in resources["requests"] | resources["limits"]
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod_spec()["terminationGracePeriodSeconds"] >= pause + GRACEFUL_SECONDS
+    # The same locked-down container context as Triton's.
+    assert container["securityContext"] == server_container()["securityContext"]
 
 
 def test_pods_run_locked_down():
@@ -393,6 +476,15 @@ def test_pods_run_locked_down():
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    # The API's own /tmp (uploads spool there), not shared with Triton's scratch space.
+    api_mounts = {m["mountPath"]: m["name"] for m in api_container()["volumeMounts"]}
+    assert (
+        "emptyDir" in volumes[api_mounts["/tmp"]] and api_mounts["/tmp"] != mounts["/tmp"]["name"]
+    )
+    # 0.0.0.0 (the API image's ENTRYPOINT) is the pod's own network namespace, never the node's.
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    for container in spec["containers"]:
+        assert all("hostPort" not in p for p in container["ports"]), container["name"]
 
 
 def test_volumes_for_the_model_repository_and_the_token_bank():
@@ -485,13 +577,14 @@ def test_ray_index_job():
 
 
 def test_service_servicemonitor_and_network_policy_agree():
-    container_ports = {p["name"] for p in server_container()["ports"]}
+    container_ports = {p["name"] for c in pod_spec()["containers"] for p in c["ports"]}
     pod_labels = k8s_object("Deployment")["spec"]["template"]["metadata"]["labels"]
     service = k8s_object("Service")
     assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         ("http", 8000, "http"),
         ("grpc", 8001, "grpc"),
         ("metrics", 8002, "metrics"),
+        ("http-api", 8080, "http-api"),
     }
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
@@ -506,6 +599,11 @@ def test_service_servicemonitor_and_network_policy_agree():
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == container_ports
+    # The API is admitted from the same clients as Triton's inference ports, not more widely.
+    (inference,) = [
+        r for r in policy["spec"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]
+    ]
+    assert {"port": "http-api", "protocol": "TCP"} in inference["ports"]
 
 
 def test_hpa_pdb_and_adapter_rule_agree():
@@ -659,6 +757,96 @@ def test_tokenizers_version_is_the_same_in_builder_and_triton_stage():
     assert f"'tokenizers=={constraint}'" in DOCKERFILES["gpu"].read_text()
 
 
+def test_api_image_is_pinned_non_root_and_runs_edje_api():
+    stages = dockerfile_stages(API_DOCKERFILE)
+    (stage,) = stages.values()  # one stage: nothing is built, only installed
+    # The same pinned base as the CPU image's Python 3.11 stages.
+    (base,) = instructions(stage, "FROM")
+    cpu_runtime = instructions(dockerfile_stages(DOCKERFILES["cpu"])["runtime"], "FROM")[0]
+    assert base == cpu_runtime.split()[0]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base)
+    user = instructions(stage, "USER")[-1]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit(), user  # numeric: runAsNonRoot
+    assert instructions(stage, "EXPOSE") == ["8080"]
+    assert exec_form(instructions(stage, "ENTRYPOINT")[-1])[:2] == ["edje", "api"]
+    args = edje_cli().parse_args(api_image_command()[1:])
+    assert args.command == "api" and args.host == "0.0.0.0" and args.port == 8080
+    assert args.protocol == "grpc" and args.collection == BANK_PATH and args.api_key is None
+    # The healthcheck asks /health on the port the ENTRYPOINT binds, with python (no curl).
+    (healthcheck,) = instructions(stage, "HEALTHCHECK")
+    command = exec_form(healthcheck)
+    assert command[:2] == ["python", "-c"] and "urllib.request" in command[2]
+    assert f"http://127.0.0.1:{args.port}/health" in command[2]
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+
+
+def test_api_image_installs_the_api_extra_and_no_torch():
+    (stage,) = dockerfile_stages(API_DOCKERFILE).values()
+    (install,) = [r for r in instructions(stage, "RUN") if "pip install" in r]
+    assert "--constraint /tmp/src/docker/constraints.txt '/tmp/src[api]'" in install
+    # Only the api extra: build (torch), serve (Triton) and all are the other images' business.
+    (extras,) = re.findall(r"/tmp/src\[([\w,]+)\]", install)
+    assert extras == "api"
+    for run in instructions(stage, "RUN"):
+        assert "--index-url" not in run and "download.pytorch.org" not in run
+        assert not re.search(r"pip install[^&]*\btorch\b", run), run
+    # What that install brings, as installed here (the client's dependencies, tritonclient[all]
+    # with its extras, and the api extra): none of the exporter's stack.
+    names = [*project_requirements(), *project_requirements("api"), *API_PACKAGES]
+    closure = _distribution_closure(names, follow_extras=True)
+    assert {"tritonclient", "pylance", "pyarrow", "numpy", "fastapi", "uvicorn"} <= closure
+    assert closure.isdisjoint(NOT_IN_API_IMAGE), closure & set(NOT_IN_API_IMAGE)
+
+
+def test_api_packages_are_pinned_at_the_tested_versions():
+    constraints = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (DOCKER / "constraints.txt").read_text(), re.M)
+    )
+    pins = {name.lower().replace("_", "-"): version for name, version in constraints.items()}
+    for name in API_PACKAGES:
+        # The constraints file holds the versions of the .venv that passes `make test`.
+        assert pins.get(name) == metadata.version(name), (name, pins.get(name))
+    # Within the client's ranges (numpy<2, pyarrow<23), like the other images.
+    for name, requirement in project_requirements().items():
+        if name in pins:
+            assert requirement.specifier.contains(pins[name]), (name, pins[name])
+
+
+def test_api_extra_matches_the_pins():
+    """pyproject.toml's `api` extra (what `pip install '.[api]'` adds) is the pinned set."""
+    api = project_requirements("api")
+    if not api:
+        pytest.skip("pyproject.toml has no `api` extra yet: Dockerfile.api would install none")
+    constraints = (DOCKER / "constraints.txt").read_text()
+    assert set(api) == set(API_PACKAGES)
+    for name, requirement in api.items():
+        (pin,) = re.findall(rf"^{re.escape(name)}==(\S+)$", constraints, re.M | re.I)
+        assert requirement.specifier.contains(pin), (name, pin)
+
+
+def test_api_build_context_holds_what_the_install_needs():
+    """Dockerfile.api bind-mounts the context (no COPY); its allowlist must carry what
+    ``pip install '.[api]'`` builds from: pyproject's package directories, its readme, and the
+    constraints file."""
+    patterns = [
+        line
+        for line in Path(f"{API_DOCKERFILE}.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert patterns[0] == "*"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_dirs = pyproject["tool"]["setuptools"]["package-dir"].values()
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "docker/constraints.txt"}
+    needed |= {d.split("/")[0] for d in package_dirs}
+    assert needed <= allowed, needed - allowed
+    assert all((ROOT / path).exists() for path in allowed)
+    (stage,) = dockerfile_stages(API_DOCKERFILE).values()
+    assert not instructions(stage, "COPY") and not instructions(stage, "ADD")
+
+
 # --------------------------------------------------------------------------------------------
 # The repository the GPU image bakes (onnxruntime runtime, GPU, TensorRT, with a token bank)
 
@@ -710,6 +898,66 @@ def test_onnx_models_load_in_the_containers_onnx_runtime(gpu_bank_repo):
         assert opsets.get("ai.onnx", 0) <= MAX_OPSET, (path, opsets)
 
 
+# The engine cache's volume and the configs that name it (the builder's --trt-cache-path default).
+TRT_CACHE = "/trt-cache"
+
+
+def test_trt_cache_volume_is_where_the_gpu_configs_keep_engines(gpu_bank_repo):
+    """Every TensorRT cache directory of the GPU image's repository lies right under the
+    Deployment's read-write mount of the shared engine-cache claim (ONNX Runtime creates only
+    the last level of a cache directory)."""
+    (mount,) = [m for m in server_container()["volumeMounts"] if m["mountPath"] == TRT_CACHE]
+    assert not mount.get("readOnly", False)
+    volume = {v["name"]: v for v in pod_spec()["volumes"]}[mount["name"]]
+    claim = k8s_object("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica, any node
+    assert not volume["persistentVolumeClaim"].get("readOnly", False)
+    paths = []
+    for name in ("edje_ranker", "edje_vision_adapter", "edje_text_encoder"):
+        (accelerator,) = _config(
+            gpu_bank_repo, name
+        ).optimization.execution_accelerators.gpu_execution_accelerator
+        parameters = dict(accelerator.parameters)
+        assert parameters["trt_engine_cache_enable"] == parameters["trt_timing_cache_enable"] == "1"
+        paths += [parameters["trt_engine_cache_path"], parameters["trt_timing_cache_path"]]
+    assert {str(Path(path).parent) for path in paths} == {TRT_CACHE}, paths
+    # Only the cache is written: the repository and the bank stay read-only.
+    writable = [m["mountPath"] for m in server_container()["volumeMounts"] if not m.get("readOnly")]
+    assert set(writable) == {TRT_CACHE, "/dev/shm", "/tmp"}
+
+
+def test_startup_probe_budget_is_the_documented_one():
+    """docs/deploy.md states the startup probe's budget (Probes, and the starts of section 11):
+    sized for a warm start, well under the 20 minutes every pod's engine build used to need."""
+    startup = server_container()["startupProbe"]
+    period, failures = startup["periodSeconds"], startup["failureThreshold"]
+    budget = period * failures
+    stated = f"every {period} s, {failures} failures allowed: {budget // 60} min"
+    assert budget % 60 == 0 and budget < 20 * 60
+    text = DOCS.read_text()
+    (probes_row,) = [
+        line for line in text.splitlines() if line.startswith("| `startupProbe` | `GET /v2/health")
+    ]
+    assert stated in probes_row
+    section = text.split("## 11. TensorRT engine cache", 1)[1].split("\n## ", 1)[0]
+    (warm_row,) = [line for line in section.splitlines() if line.startswith("| **Warm**")]
+    assert stated in warm_row
+    # The cold-start procedure's threshold outlasts the old 20-minute build budget.
+    assert "`failureThreshold`" in section and "to 120 (20 min)" in section
+    # The HTTP API's startup probe (it waits on Triton's readiness) allows at least as long.
+    api = api_container()["startupProbe"]
+    assert api["periodSeconds"] * api["failureThreshold"] >= budget
+
+
+def test_gpu_image_provides_the_engine_cache_directory():
+    """Without the directory, ONNX Runtime cannot create the per-model cache directories under it
+    and the ONNX models fail to load; Kubernetes mounts the volume there, `docker run` may not."""
+    runs = " ".join(instructions(dockerfile_stages(DOCKERFILES["gpu"])["runtime"], "RUN"))
+    assert re.search(rf"mkdir[^;&]*{TRT_CACHE}\b", runs) and re.search(
+        rf"chown[^;&]*1000[^;&]*{TRT_CACHE}\b", runs
+    )
+
+
 # What the Triton stage of Dockerfile.gpu installs; its Python models may import nothing else.
 IMPORT_GATE = textwrap.dedent(
     """
@@ -738,21 +986,29 @@ IMPORT_GATE = textwrap.dedent(
 )
 
 
-def _distribution_closure(names: list[str]) -> set[str]:
-    """``names`` and everything they require (no extras), as installed here."""
+def _distribution_closure(names: list[str], follow_extras: bool = False) -> set[str]:
+    """``names`` and everything they require, as installed here. ``follow_extras``: also what
+    the extras of each requirement bring (``tritonclient[all]``); not installed here: skipped."""
     seen: set[str] = set()
-    todo = list(names)
+    todo = [(name, frozenset()) for name in names]
     while todo:
-        name = todo.pop()
+        name, extras = todo.pop()
         key = name.lower().replace("_", "-")
-        if key in seen:
+        if (key, extras) in seen:
             continue
-        seen.add(key)
-        for requirement in metadata.requires(name) or []:
+        seen.add((key, extras))
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            if not follow_extras:
+                raise
+            continue
+        for requirement in requires:
             req = Requirement(requirement)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
+            wanted = [""] + sorted(extras)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in wanted):
+                todo.append((req.name, frozenset(req.extras) if follow_extras else frozenset()))
+    return {key for key, _ in seen}
 
 
 def test_python_models_import_only_what_the_gpu_image_installs(gpu_bank_repo):
@@ -810,6 +1066,31 @@ def test_healthcheck_command_against_the_real_server(flavour, triton_server):
     assert subprocess.run([sys.executable, "-c", closed], capture_output=True).returncode != 0
 
 
+def test_api_healthcheck_command_against_the_real_api(triton_server, tmp_path):
+    """The API image's HEALTHCHECK command: passes on an API in front of a ready Triton, fails
+    on one whose Triton is unreachable (503) and where nothing listens."""
+    pytest.importorskip("fastapi")
+    from edje_client.api.server import ApiServer
+    from edje_client.api.settings import ApiSettings
+    from edje_client.server import find_free_port
+
+    (stage,) = dockerfile_stages(API_DOCKERFILE).values()
+    (healthcheck,) = instructions(stage, "HEALTHCHECK")
+    code = exec_form(healthcheck)[2]
+    assert "127.0.0.1:8080" in code
+
+    def check(address: str) -> int:
+        probe = code.replace("127.0.0.1:8080", address)
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode
+
+    collection = str(tmp_path / "collection")  # a missing collection opens empty
+    for url, healthy in ((triton_server.grpc_url, True), (f"127.0.0.1:{find_free_port()}", False)):
+        settings = ApiSettings(collection=collection, url=url, protocol="grpc", port=0)
+        with ApiServer(settings) as api:
+            assert (check(f"127.0.0.1:{api.port}") == 0) is healthy, url
+    assert check(f"127.0.0.1:{find_free_port()}") != 0
+
+
 # --------------------------------------------------------------------------------------------
 # docker-compose.yml
 
@@ -849,6 +1130,56 @@ def test_compose_publishes_on_loopback_and_gates_the_load_test():
     assert command[-1] in user_classes
 
 
+def test_compose_api_service():
+    """The API beside Triton: health-gated on it, Triton by service name over gRPC, the
+    collection volume read-write, its port on the host's 127.0.0.1 only, the key optional."""
+    from edje_client.api.settings import API_KEY_ENV
+
+    services = compose()["services"]
+    api, triton = services["api"], services["triton"]
+    build = api["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == API_DOCKERFILE
+    assert "target" not in api["build"] and "profiles" not in api
+    assert api["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    args = edje_cli().parse_args(api_image_command(api["command"])[1:])
+    assert args.command == "api" and args.host == "0.0.0.0" and args.api_key is None
+    # `triton` is the service's name on the compose network; 8001 the gRPC port `edje serve`
+    # listens on in the CPU image (a container port, not the published one).
+    serve = edje_cli().parse_args(
+        exec_form(instructions(dockerfile_stages(DOCKERFILES["cpu"])["runtime"], "CMD")[-1])[1:]
+    )
+    assert args.protocol == "grpc" and args.url == f"triton:{serve.grpc_port}"
+
+    # Published on the host's loopback only, whatever EDJE_PUBLISH_ADDRESS says for Triton.
+    (published,) = api["ports"]
+    match = re.fullmatch(r"127\.0\.0\.1:\$\{API_PORT:-(\d+)\}:(\d+)", published)
+    assert match and match[1] == match[2] == str(args.port) == "8080", published
+
+    # The collection: a named volume, read-write here (POST /v1/index), read-only in Triton at
+    # the same path (its token bank, when built with BANK_PATH).
+    (mount,) = api["volumes"]
+    volume, target = mount.split(":")
+    assert target == args.collection == BANK_PATH and volume in compose()["volumes"]
+    assert f"{volume}:{BANK_PATH}:ro" in triton["volumes"]
+    assert triton["build"]["args"]["BANK_PATH"] == "${BANK_PATH:-}"
+
+    # The key from the environment, empty (no key) when unset; never written in the file.
+    assert api["environment"] == {API_KEY_ENV: f"${{{API_KEY_ENV}:-}}"}
+    # Health: the image's own command on /health.
+    test = api["healthcheck"]["test"]
+    (stage,) = dockerfile_stages(API_DOCKERFILE).values()
+    assert test == ["CMD", *exec_form(instructions(stage, "HEALTHCHECK")[0])]
+    assert api["read_only"] and api["cap_drop"] == ["ALL"] and "/tmp" in api["tmpfs"]
+    assert "no-new-privileges:true" in api["security_opt"]
+
+    # One image name and tag for the API everywhere: compose, the pod, the kustomization, and
+    # the project's version.
+    version = pytest.importorskip("tomllib").loads((ROOT / "pyproject.toml").read_text())
+    assert api["image"] == api_container()["image"] == f"edje-api:{version['project']['version']}"
+    (entry,) = [i for i in k8s_object("Kustomization")["images"] if i["name"] == "edje-api"]
+    assert entry["newTag"] == api["image"].partition(":")[2]
+
+
 # --------------------------------------------------------------------------------------------
 # docs/deploy.md
 
@@ -864,6 +1195,11 @@ def test_docs_name_real_files_and_say_what_was_not_run():
         adapter_rule()["name"]["as"],
         "nv_inference_queue_duration_us",
         "nvidia.com/gpu",
+        # The API container's section.
+        "docker/Dockerfile.api",
+        "EDJE_API_KEY",
+        "GET /health",
+        "http-api",
     ):
         assert needle in text, needle
     # Every `docker build -f` in the docs names a Dockerfile that exists.

@@ -1,20 +1,28 @@
 """Every generated config.pbtxt parses against Triton's ModelConfig protobuf, for both runtimes;
-every model folder shows the code it runs, and the builder copies it by one rule."""
+every model folder shows the code it runs, and the builder copies it by one rule. GPU
+repositories carry TensorRT caches, optimization profiles and warmups that agree with each
+model's inputs and batch sizes."""
 
 from __future__ import annotations
 
 import ast
+import json
+from pathlib import PurePosixPath
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from edje.build_repo import (
+    DEFAULT_TRT_CACHE_PATH,
+    MANIFEST,
     SHARED_DIR,
     TEMPLATE_DIR,
     RepoSettings,
     build_repository,
     fill_template,
+    gpu_config_lines,
+    gpu_models,
     main,
 )
 
@@ -30,6 +38,45 @@ MODELS = (
     "edje_vision_adapter",
 )
 ONNX = ("edje_ranker", "edje_text_encoder", "edje_vision_adapter")
+# The TensorRT accelerator parameters Triton's onnxruntime backend accepts (src/onnxruntime.cc of
+# triton-inference-server/onnxruntime_backend; its README's mapping table). It refuses any other
+# key, and the model then fails to load.
+BACKEND_TRT_KEYS = frozenset(
+    {
+        "precision_mode",
+        "max_workspace_size_bytes",
+        "trt_max_partition_iterations",
+        "trt_min_subgraph_size",
+        "int8_calibration_table_name",
+        "int8_use_native_calibration_table",
+        "trt_dla_enable",
+        "trt_dla_core",
+        "trt_engine_cache_enable",
+        "trt_engine_cache_path",
+        "trt_engine_cache_prefix",
+        "trt_dump_subgraphs",
+        "trt_force_sequential_engine_build",
+        "trt_context_memory_sharing_enable",
+        "trt_layer_norm_fp32_fallback",
+        "trt_timing_cache_enable",
+        "trt_timing_cache_path",
+        "trt_force_timing_cache",
+        "trt_detailed_build_log",
+        "trt_build_heuristics_enable",
+        "trt_sparsity_enable",
+        "trt_builder_optimization_level",
+        "trt_auxiliary_streams",
+        "trt_tactic_sources",
+        "trt_extra_plugin_lib_paths",
+        "trt_profile_min_shapes",
+        "trt_profile_max_shapes",
+        "trt_profile_opt_shapes",
+        "trt_cuda_graph_enable",
+        "trt_dump_ep_context_model",
+        "trt_ep_context_file_path",
+        "trt_ep_context_embed_mode",
+    }
+)
 
 
 def _parse(path) -> model_config_pb2.ModelConfig:
@@ -42,11 +89,20 @@ def gpu_repo(tiny_source, tmp_path_factory):
     return build_repository(tiny_source, tmp_path_factory.mktemp("gpu") / "repo", settings)
 
 
+@pytest.fixture(scope="module")
+def cuda_repo(tiny_source, tmp_path_factory):
+    """``--gpu`` without ``--tensorrt``: ONNX Runtime's CUDA provider."""
+    settings = RepoSettings(runtime="onnxruntime", gpu=True)
+    return build_repository(tiny_source, tmp_path_factory.mktemp("cuda") / "repo", settings)
+
+
 def test_python_runtime_configs(repo_dir):
     assert sorted(p.name for p in repo_dir.iterdir() if p.is_dir()) == sorted(MODELS)
     configs = {name: _parse(repo_dir / name / "config.pbtxt") for name in MODELS}
     for name, config in configs.items():
         assert config.name == name
+        # The CPU repository has no GPU lines: no accelerator, no warmup.
+        assert not config.HasField("optimization") and not config.model_warmup, name
         if config.platform != "ensemble":
             assert config.backend == "python"
             assert config.HasField("dynamic_batching"), name
@@ -76,6 +132,103 @@ def test_onnxruntime_gpu_configs(gpu_repo):
             assert _python_files(gpu_repo / name) == [], name  # no Python for Triton's ORT
         elif config.backend == "python":
             assert (gpu_repo / name / "1" / "model.py").is_file(), name
+
+
+def _accelerator(config) -> dict[str, str]:
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    return dict(accelerator.parameters)
+
+
+def _shapes(value: str) -> dict[str, list[int]]:
+    """``name:BxD1,name2:BxD1xD2`` -> ``{name: [B, D1], ...}`` (ONNX Runtime's profile format)."""
+    shapes = {}
+    for item in value.split(","):
+        name, _, dims = item.partition(":")
+        assert name not in shapes, value
+        shapes[name] = [int(d) for d in dims.split("x")]
+    return shapes
+
+
+def _check_warmup(config) -> None:
+    """A sample at batch 1 and one at max_batch_size, each naming every input with the config's
+    data type and dims; ids zeros (random bytes would be ids outside the vocabulary)."""
+    inputs = {i.name: i for i in config.input}
+    samples = {w.batch_size: w for w in config.model_warmup}
+    assert {1, config.max_batch_size} <= set(samples), config.name
+    for sample in config.model_warmup:
+        assert sample.name and sample.count >= 1 and 1 <= sample.batch_size <= config.max_batch_size
+        assert set(sample.inputs) == set(inputs), (config.name, sample.name)
+        for name, data in sample.inputs.items():
+            assert data.data_type == inputs[name].data_type, (config.name, name)
+            assert list(data.dims) == list(inputs[name].dims), (config.name, name)
+            kind = data.WhichOneof("input_data_type")
+            integer = model_config_pb2.DataType.Name(data.data_type).startswith("TYPE_INT")
+            assert kind == ("zero_data" if integer else "random_data"), (config.name, name)
+
+
+def test_gpu_configs_cache_engines_profile_batches_and_warm_up(gpu_repo):
+    """The TensorRT engine and timing caches, one directory per model right under the cache
+    path (ONNX Runtime creates one level), the engines' named by this build; an optimization
+    profile per input for the batcher's whole range; a warmup of every input."""
+    manifest = json.loads((gpu_repo / MANIFEST).read_text())
+    key = manifest["trt_cache_key"]
+    assert key and manifest["settings"]["trt_cache_path"] == DEFAULT_TRT_CACHE_PATH
+    root = PurePosixPath(DEFAULT_TRT_CACHE_PATH)
+    directories = []
+    for name in ONNX:
+        config = _parse(gpu_repo / name / "config.pbtxt")
+        parameters = _accelerator(config)
+        assert set(parameters) <= BACKEND_TRT_KEYS, set(parameters) - BACKEND_TRT_KEYS
+        assert parameters["trt_engine_cache_enable"] == parameters["trt_timing_cache_enable"] == "1"
+        engines = PurePosixPath(parameters["trt_engine_cache_path"])
+        timing = PurePosixPath(parameters["trt_timing_cache_path"])
+        assert engines == root / f"{key}.{name}" and timing == root / f"timing.{name}"
+        directories += [engines, timing]
+
+        inputs = {i.name: list(i.dims) for i in config.input}
+        preferred = list(config.dynamic_batching.preferred_batch_size) or [config.max_batch_size]
+        profile = {
+            level: _shapes(parameters[f"trt_profile_{level}_shapes"])
+            for level in ("min", "opt", "max")
+        }
+        for level, shapes in profile.items():
+            assert set(shapes) == set(inputs), (name, level)  # every (dynamic) input
+        for input_name, dims in inputs.items():
+            low, opt, high = (profile[level][input_name] for level in ("min", "opt", "max"))
+            assert (low[0], high[0]) == (1, config.max_batch_size), (name, input_name)
+            assert opt[0] == max(preferred), (name, input_name)
+            # What the config sends is the opt and max shape; min may only shorten a dimension.
+            assert opt[1:] == high[1:] == dims, (name, input_name)
+            assert all(1 <= a <= b for a, b in zip(low, high, strict=True)), (name, input_name)
+        _check_warmup(config)
+    assert len(set(directories)) == len(directories)  # no two models create the same directory
+    assert all(d.parent == root for d in directories)
+    # The ranker's sequence may be shorter in the engine (the graph takes any length).
+    ranker = _parse(gpu_repo / "edje_ranker" / "config.pbtxt")
+    low = _shapes(_accelerator(ranker)["trt_profile_min_shapes"])
+    assert low["input_ids"] == [1, 1] and low["compressed_tokens"] == [1, 64, 384]
+
+
+def test_cuda_configs_warm_up_without_tensorrt(cuda_repo):
+    manifest = json.loads((cuda_repo / MANIFEST).read_text())
+    assert manifest["trt_cache_key"] == ""
+    for name in ONNX:
+        config = _parse(cuda_repo / name / "config.pbtxt")
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert not config.HasField("optimization"), name
+        _check_warmup(config)
+
+
+def test_trt_cache_path_flag(tmp_path, capsys):
+    settings = RepoSettings(runtime="onnxruntime", gpu=True, tensorrt=True, trt_cache_path="/e/c")
+    settings.validate()
+    dims = {"pair_length": 8, "num_tokens": 4, "token_width": 2, "image_size": 4, "text_length": 3}
+    lines = gpu_config_lines(gpu_models(settings, dims)["text_gpu"], settings, "k")
+    assert '"/e/c/k.edje_text_encoder"' in lines and '"/e/c/timing.edje_text_encoder"' in lines
+    args = ["--runtime", "onnxruntime", "--gpu", "--tensorrt", "--output", str(tmp_path / "r")]
+    for bad in ("trt-cache", "/trt-cache/", "/trt cache", '/trt"cache'):
+        assert main([*args, "--trt-cache-path", bad]) == 2
+        assert "--trt-cache-path must be an absolute directory path" in capsys.readouterr().err
 
 
 def _python_files(folder) -> list[str]:

@@ -9,8 +9,10 @@ graphs and write the tokenizers. Two runtimes:
   Python-backend model (its ``1/model.py`` imports the shared ``onnx_runner``), with the same
   tensors and batching.
 * ``onnxruntime``: Triton's ONNX Runtime backend, as in NVIDIA's container; the ONNX models keep
-  only ``model.onnx``. ``--gpu`` puts instances on GPUs and ``--tensorrt`` adds the TensorRT
-  FP16 accelerator.
+  only ``model.onnx``. ``--gpu`` puts instances on GPUs and warms every ONNX model up before it
+  reports ready (``model_warmup``); ``--tensorrt`` adds the TensorRT FP16 accelerator with
+  explicit optimization profiles and its engine and timing caches on ``--trt-cache-path`` (a
+  volume the pods share: docs/deploy.md, "TensorRT engine cache").
 
 The repository is written to a temporary directory and moved into place at the end, so a failed
 build never leaves a half-built repository behind.
@@ -57,11 +59,132 @@ MODELS = (
 BANK_MODELS = ("edje_token_bank", "edje_rank_by_id")
 SHARED_DIR = "_shared"  # helpers copied beside every model.py
 
-TENSORRT_FP16 = """optimization { execution_accelerators { gpu_execution_accelerator: [ {
-  name: "tensorrt"
-  parameters { key: "precision_mode", value: "FP16" }
-  parameters { key: "max_workspace_size_bytes", value: "1073741824" }
-} ] } }"""
+# The TensorRT accelerator's parameters, by the names of Triton's onnxruntime backend (which
+# refuses a key it does not know: the model then fails to load).
+TENSORRT_FP16 = {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}
+DEFAULT_TRT_CACHE_PATH = "/trt-cache"
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """What the GPU-only lines of one ONNX model's config are generated from: its inputs as
+    its template declares them, and the batch range Triton's dynamic batcher sends it."""
+
+    name: str
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, Triton data type, dims)
+    max_batch: int
+    opt_batch: int
+    # Inputs whose first dimension the profile lets range from 1 to its dims (the ranker's
+    # sequence: the graph takes any length, though the config's fixed dims send the full one).
+    variable_length: tuple[str, ...] = ()
+
+
+def gpu_models(settings: RepoSettings, dims: dict[str, int]) -> dict[str, GpuModel]:
+    """The three ONNX models, keyed by the placeholder their template carries."""
+    pair, tokens = (dims["pair_length"],), (dims["num_tokens"], dims["token_width"])
+    size = dims["image_size"]
+    layout = ("input_ids", "attention_mask", "token_type_ids")
+    return {
+        "ranker_gpu": GpuModel(
+            "edje_ranker",
+            (
+                *((name, "TYPE_INT64", pair) for name in layout),
+                ("compressed_tokens", "TYPE_FP16", tokens),
+            ),
+            settings.rank_max_batch_size,
+            largest_preferred(settings.rank_preferred_batch_sizes, settings.rank_max_batch_size),
+            layout,
+        ),
+        "vision_gpu": GpuModel(
+            "edje_vision_adapter",
+            (("pixel_values", "TYPE_FP32", (3, size, size)),),
+            settings.index_max_batch_size,
+            largest_preferred(settings.index_preferred_batch_sizes, settings.index_max_batch_size),
+        ),
+        "text_gpu": GpuModel(
+            "edje_text_encoder",
+            (("input_ids", "TYPE_INT64", (dims["text_length"],)),),
+            settings.text_max_batch_size,
+            settings.text_max_batch_size,
+        ),
+    }
+
+
+def largest_preferred(preferred: str, max_batch: int) -> int:
+    """The largest preferred batch size the batcher can form (the profile's opt batch)."""
+    sizes = [int(x) for x in preferred.replace(",", " ").split() if int(x) <= max_batch]
+    return max(sizes, default=max_batch)
+
+
+def trt_cache_key(model_id: str) -> str:
+    """One build's name in the engine cache: when it was built, and from which weights.
+
+    ONNX Runtime names an engine after the graph's file and tensor names (and its own, CUDA's
+    and TensorRT's versions), never after the weights: a retrained model of the same graph would
+    load the old model's engine. So every build caches its engines in directories of its own.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{model_id.rpartition(':')[2][:12]}"
+
+
+def profile_shapes(model: GpuModel, level: str) -> str:
+    """One ``trt_profile_{min,opt,max}_shapes`` value: ``name:BxD1xD2,...`` for every input
+    (ONNX Runtime needs all dynamic inputs in the profile)."""
+    batch = {"min": 1, "opt": model.opt_batch, "max": model.max_batch}[level]
+    shapes = []
+    for name, _, dims in model.inputs:
+        if level == "min" and name in model.variable_length:
+            dims = (1, *dims[1:])
+        shapes.append(f"{name}:" + "x".join(map(str, (batch, *dims))))
+    return ",".join(shapes)
+
+
+def gpu_config_lines(model: GpuModel, settings: RepoSettings, cache_key: str) -> str:
+    """The lines only a GPU repository's config carries (empty for CPU ones).
+
+    ``--gpu``: a ``model_warmup`` at batch 1 and at the largest batch, so the model reports
+    ready with its CUDA memory, kernels (and TensorRT engines) in place. Token ids are zeros
+    (random bytes would be ids outside the vocabulary); float inputs are random.
+    ``--tensorrt``: FP16 with an explicit optimization profile per input (batch 1 / the largest
+    preferred / the largest batch, the ranker's sequence 1..its length) and the engine and
+    timing caches on ``settings.trt_cache_path``, one directory per model (ONNX Runtime creates
+    one directory level; one per model keeps parallel model loads from racing to create it).
+    """
+    if not settings.gpu:
+        return ""
+    lines = []
+    if settings.tensorrt:
+        root = settings.trt_cache_path
+        parameters = {
+            **TENSORRT_FP16,
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": f"{root}/{cache_key}.{model.name}",
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": f"{root}/timing.{model.name}",
+        }
+        for level in ("min", "opt", "max"):
+            parameters[f"trt_profile_{level}_shapes"] = profile_shapes(model, level)
+        lines += [
+            "optimization { execution_accelerators { gpu_execution_accelerator: [ {",
+            '  name: "tensorrt"',
+            *(f'  parameters {{ key: "{k}", value: "{v}" }}' for k, v in parameters.items()),
+            "} ] } }",
+        ]
+    lines.append("model_warmup [")
+    batches = sorted({1, model.max_batch})
+    for batch in batches:
+        lines.append(f'  {{ name: "batch_{batch}", batch_size: {batch}, count: 1, inputs [')
+        for i, (name, dtype, dims) in enumerate(model.inputs):
+            data = "zero_data" if dtype.startswith("TYPE_INT") else "random_data"
+            shape = ", ".join(map(str, dims))
+            comma = "," if i < len(model.inputs) - 1 else ""
+            lines.append(
+                f'    {{ key: "{name}", value: {{ data_type: {dtype}, dims: [ {shape} ], '
+                f"{data}: true }} }}{comma}"
+            )
+        lines.append("  ] }" + ("," if batch != batches[-1] else ""))
+    lines.append("]")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -94,6 +217,7 @@ class RepoSettings:
     token_bank: str = ""
     max_bank_bytes: int = 0
     quantize_ranker: str = ""
+    trt_cache_path: str = DEFAULT_TRT_CACHE_PATH
 
     def validate(self) -> None:
         if self.runtime not in ("python", "onnxruntime"):
@@ -104,6 +228,11 @@ class RepoSettings:
             raise ValueError("--tensorrt needs --gpu")
         if self.quantize_ranker not in ("", "int8"):
             raise ValueError(f"--quantize-ranker takes 'int8', got {self.quantize_ranker!r}")
+        if not re.fullmatch(r"(/[\w.-]+)+", self.trt_cache_path):
+            raise ValueError(
+                "--trt-cache-path must be an absolute directory path of letters, digits, "
+                f"'_', '.', '-' and '/' (no trailing '/'), got {self.trt_cache_path!r}"
+            )
 
 
 # Integer settings that edje-build-repo exposes, with their help (None: the name says it).
@@ -122,9 +251,15 @@ INT_OPTIONS = {
 
 
 def template_values(
-    source, settings: RepoSettings, dims: dict[str, int], tokenizer, text_tokenizer
+    source,
+    settings: RepoSettings,
+    dims: dict[str, int],
+    tokenizer,
+    text_tokenizer,
+    cache_key: str = "",
 ) -> dict:
-    """Every ``${placeholder}`` value for the config templates."""
+    """Every ``${placeholder}`` value for the config templates (``cache_key``: the build's
+    engine-cache name, for ``--tensorrt``)."""
     processor = source.image_processor()
     if settings.runtime == "python":
         backend = 'backend: "python"'
@@ -134,7 +269,10 @@ def template_values(
     values.update(
         runtime_backend=backend,
         instance_kind="KIND_GPU" if settings.gpu else "KIND_CPU",
-        optimization=TENSORRT_FP16 if settings.tensorrt else "",
+        **{
+            placeholder: gpu_config_lines(model, settings, cache_key)
+            for placeholder, model in gpu_models(settings, dims).items()
+        },
         image_size=str(dims["image_size"]),
         num_tokens=str(dims["num_tokens"]),
         token_width=str(dims["token_width"]),
@@ -224,7 +362,8 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
             f"embedding width {embedding_dim}: they must share one space"
         )
     dims = source.edje_config(indexing, ranking, text_tokenizer).dims()
-    values = template_values(source, settings, dims, tokenizer, text_tokenizer)
+    cache_key = trt_cache_key(source.model_id) if settings.tensorrt else ""
+    values = template_values(source, settings, dims, tokenizer, text_tokenizer, cache_key)
     helpers = sorted((TEMPLATE_DIR / SHARED_DIR).glob("*.py"))
     for name in (*MODELS, *(BANK_MODELS if settings.token_bank else ())):
         copy_model(TEMPLATE_DIR / name, staging / name, values, helpers)
@@ -247,6 +386,7 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
         "checkpoint": str(source.checkpoint),
         "random_weights": source.random_weights,
         "settings": asdict(settings),
+        "trt_cache_key": cache_key,
         **dims,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -327,6 +467,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     out.add_argument("--gpu", action="store_true", help="KIND_GPU instances (onnxruntime only)")
     out.add_argument("--tensorrt", action="store_true", help="TensorRT FP16 accelerator (--gpu)")
+    out.add_argument(
+        "--trt-cache-path",
+        default=DEFAULT_TRT_CACHE_PATH,
+        metavar="DIR",
+        help="with --tensorrt: where TensorRT engines and timing caches are kept, a volume the "
+        f"server's pods share so a new pod reuses them (default: {DEFAULT_TRT_CACHE_PATH})",
+    )
     for name, help_text in INT_OPTIONS.items():
         default = getattr(RepoSettings, name)
         out.add_argument(
@@ -361,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         tensorrt=args.tensorrt,
         token_bank=args.token_bank,
         quantize_ranker=args.quantize_ranker,
+        trt_cache_path=args.trt_cache_path,
         **{name: getattr(args, name) for name in INT_OPTIONS},
     )
     try:

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edje_client._core import default_url
+from edje_client.api import command as api_command
 from edje_client.client import EDJEClient
 from edje_client.collection_cli import (
     UsageError,
@@ -495,6 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_collection_commands(commands)
+
+    p = _add_command(
+        commands,
+        api_command.cmd_api,
+        api_command.SUMMARY,
+        api_command.DESCRIPTION,
+        api_command.EXAMPLES,
+        [*server, *collection],
+    )
+    api_command.add_api_arguments(p)
 
     p = _add_command(
         commands,

@@ -235,12 +235,19 @@ class TritonServer:
         raise LaunchError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def is_ready(self) -> bool:
-        """True when the server answers ``/v2/health/ready`` with 200."""
+        """True when ``/v2/health/ready`` answers 200 and the metrics port accepts connections.
+
+        Triton may open its metrics endpoint a moment after it reports ready; a caller that
+        scrapes right away must not race it.
+        """
         url = f"http://{self.http_url}/v2/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if resp.status != 200:
+                    return False
+            with socket.create_connection((self.host, self.metrics_port), timeout=1):
+                return True
+        except (urllib.error.URLError, OSError):
             return False
 
     def stop(self, timeout: float = 30.0) -> None:
