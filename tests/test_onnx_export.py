@@ -82,3 +82,17 @@ def test_ranker_parity(exported, tiny_models, tiny_source, batch, words):
         ref = ranking.score_pairs(*(torch.from_numpy(feeds[k]) for k in feeds))
     assert score.shape == (batch, 1) and score.dtype == np.float32
     assert np.abs(score[:, 0] - ref.numpy()).max() <= 1e-3
+
+
+def test_ranker_export_traces_eager_attention_and_restores_the_model(tiny_models, tmp_path):
+    """The export traces attention as MatMul + Softmax (what ONNX Runtime fuses), then gives the
+    model back its own attention implementation; ``eager_attention=False`` keeps SDPA's graph."""
+    _, ranking = tiny_models
+    config = ranking.language_model.config
+    before = config._attn_implementation
+    eager = onnx.load(str(export_ranker(ranking, tmp_path / "eager.onnx")))
+    assert config._attn_implementation == before
+    sdpa = onnx.load(str(export_ranker(ranking, tmp_path / "sdpa.onnx", eager_attention=False)))
+    assert sum(n.op_type == "Softmax" for n in eager.graph.node) == config.num_hidden_layers
+    assert sum(n.op_type == "IsNaN" for n in eager.graph.node) == 0  # SDPA's masking pattern
+    assert sum(n.op_type == "IsNaN" for n in sdpa.graph.node) == config.num_hidden_layers

@@ -329,6 +329,7 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
         export_ranker,
         export_text_encoder,
         export_vision_adapter,
+        optimize_ranker,
         quantize_int8,
     )
 
@@ -371,8 +372,28 @@ def build_repository(source, output: str | Path, settings: RepoSettings | None =
     log.info("exporting ONNX models")
     export_vision_adapter(indexing, staging / "edje_vision_adapter" / "1" / "model.onnx")
     ranker_path = export_ranker(ranking, staging / "edje_ranker" / "1" / "model.onnx")
-    if settings.quantize_ranker == "int8":
-        log.info("quantising the ranker to int8 (dynamic)")
+    # ONNX Runtime's transformer fusions (docs/optimisations.md), chosen for where the ranker
+    # runs; none for TensorRT, which fuses the plain graph itself (ORT's contrib operators would
+    # split its engines).
+    int8 = settings.quantize_ranker == "int8"
+    if int8 or not settings.tensorrt:
+        config = ranking.language_model.config
+        target = "int8" if int8 else "cuda" if settings.gpu else "cpu"
+        fused = optimize_ranker(
+            ranker_path, config.num_attention_heads, config.hidden_size, target=target
+        )
+        layers = config.num_hidden_layers
+        report = log.warning if target != "int8" and fused["Attention"] != layers else log.info
+        report(
+            "ranker fused for %s: %d Attention, %d BiasGelu, %d Gelu (%d layers)",
+            target,
+            fused["Attention"],
+            fused["BiasGelu"],
+            fused["Gelu"],
+            layers,
+        )
+    if int8:
+        log.info("quantising the ranker to int8 (dynamic, per-channel weights)")
         quantize_int8(ranker_path)
     export_text_encoder(text_model, staging / "edje_text_encoder" / "1" / "model.onnx")
     tokenizer.backend_tokenizer.save(str(staging / "edje_tokenizer" / "1" / "tokenizer.json"))

@@ -4,10 +4,10 @@ Every figure that matters is a *ratio* of two measurements taken in the same run
 round by round, because this machine is shared and noisy. Sections:
 
 1. **Ranker, model level (real size: MiniLM-L12-H384, Q=64, random weights):** PyTorch eager vs
-   ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic quantisation), pairs/s at equal batch; the
-   FLOP rate the ranker reaches against this CPU's measured fp32 GEMM rate.
-2. **int8 agreement** on the default model: top-1 agreement of 10-candidate re-rank lists and
-   Spearman correlation against fp32.
+   ONNX Runtime fp32 as exported vs fused (``optimize_ranker``) vs int8, each interleaved with
+   fp32 and int8 GEMM references in the same rounds (:mod:`edje.tools.bench_ranker`).
+2. **int8 agreement** on the default model: top-1 agreement and Spearman correlation against
+   fp32 over real re-rank lists (:mod:`edje.tools.bench_ranker`).
 3. **EDJE vs an online-ViT joint scorer** (BLIP-style: the ViT runs for every pair) at the real
    sizes (SigLIP2-L/16 at 384 px + MiniLM-L12): ratio of pairs/s.
 4. **Served:** Triton ``edje_rank`` (embedded server) against raw ONNX Runtime on the same
@@ -39,165 +39,26 @@ from PIL import Image
 
 from edje.configuration import (
     MAX_TEXT_TOKENS,
-    EDJEConfig,
     published_language_config,
     published_vision_config,
 )
 from edje.tools.bench_collections import markdown_lines as gather_lines
 from edje.tools.bench_collections import section_gather
+from edje.tools.bench_ranker import (
+    TEXT_LEN,
+    D,
+    Q,
+    headline_rows,
+    pair_inputs,
+    section_int8_agreement,
+    section_ranker,
+    timed_rounds,
+)
+from edje.tools.bench_ranker import markdown_lines as ranker_lines
 
 log = logging.getLogger("edje.tools.bench")
 
-PUBLISHED = EDJEConfig()  # the real-size shape contract: Q = 64, D = 384
-Q, D = PUBLISHED.token_shape
-TEXT_LEN = 16  # a typical query: [CLS] + 14 word pieces + [SEP]
 K_SERVED = 64  # candidates per request where the serving overhead is measured
-
-
-def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Run each function once per round, interleaved; seconds per call, per function."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def pair_inputs(batch: int, text_len: int, image_id: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch of pair layouts ``[CLS] t... [SEP] <image>xQ [SEP]`` with random tokens."""
-    rng = np.random.default_rng(seed)
-    length = text_len + Q + 1
-    ids = np.full((batch, length), image_id, dtype=np.int64)
-    ids[:, :text_len] = rng.integers(1000, 2000, (batch, text_len))
-    ids[:, text_len - 1] = ids[:, -1] = 102
-    types = np.zeros((batch, length), dtype=np.int64)
-    types[:, text_len:] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones((batch, length), dtype=np.int64),
-        "token_type_ids": types,
-        "compressed_tokens": rng.standard_normal((batch, Q, D)).astype(np.float16),
-    }
-
-
-def ranker_flops_per_pair(config, length: int) -> float:
-    """Multiply-adds x 2 of one pair through the BERT encoder + head (embeddings excluded)."""
-    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_layer = 2 * length * (4 * h * h + 2 * h * f) + 2 * 2 * length * length * h
-    return n * per_layer + 2 * (h * h + h)
-
-
-def gemm_gflops(size: int = 1024, rounds: int = 10) -> float:
-    """This CPU's fp32 GEMM rate through torch (MKL/oneDNN), GFLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    times = timed_rounds({"gemm": lambda: a @ b}, rounds)["gemm"]
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
-def section_ranker(work: Path, batch: int, rounds: int) -> dict:
-    """Real-size ranker: eager vs ORT fp32 vs ORT int8; achieved FLOP rate vs GEMM."""
-    import onnxruntime as ort
-
-    from edje.modeling import EDJEModelForRanking
-    from edje.onnx_export import export_ranker, quantize_int8
-
-    config = published_language_config()
-    model = EDJEModelForRanking(language_config=config, num_compressed_tokens=Q).eval()
-    fp32 = export_ranker(model, work / "ranker_real.onnx")
-    int8 = quantize_int8(fp32, work / "ranker_real_int8.onnx")
-    feeds = pair_inputs(batch, TEXT_LEN, model.image_token_id)
-    sessions = {
-        name: ort.InferenceSession(str(p)) for name, p in (("ort_fp32", fp32), ("ort_int8", int8))
-    }
-    tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-
-    def eager() -> None:
-        with torch.inference_mode():
-            model.score_pairs(**tensors)
-
-    fns = {
-        "torch_eager": eager,
-        **{n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
-    }
-    times = timed_rounds(fns, rounds)
-    pairs_per_s = {n: batch / statistics.median(t) for n, t in times.items()}
-    flops = ranker_flops_per_pair(config, TEXT_LEN + Q + 1)
-    gemm = gemm_gflops()
-    return {
-        "batch": batch,
-        "pair_length": TEXT_LEN + Q + 1,
-        "pairs_per_s": pairs_per_s,
-        "int8_over_fp32": pairs_per_s["ort_int8"] / pairs_per_s["ort_fp32"],
-        "ort_over_eager": pairs_per_s["ort_fp32"] / pairs_per_s["torch_eager"],
-        "gflop_per_pair": flops / 1e9,
-        "gemm_gflops_fp32": gemm,
-        "ranker_gflops_fp32": flops * pairs_per_s["ort_fp32"] / 1e9,
-        "fraction_of_gemm": flops * pairs_per_s["ort_fp32"] / 1e9 / gemm,
-        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-    }
-
-
-def section_int8_agreement(source, work: Path, lists: int = 60) -> dict:
-    """int8 vs fp32 ranker on the default model: top-1 agreement and Spearman over rerank lists."""
-    import onnxruntime as ort
-
-    from edje.onnx_export import export_ranker, quantize_int8
-
-    ranking, _ = source.build_ranking_model()
-    fp32 = export_ranker(ranking, work / "ranker_default.onnx")
-    int8 = quantize_int8(fp32, work / "ranker_default_int8.onnx")
-    from edje_client.collection_format import quantise_int8
-
-    s32, s8 = ort.InferenceSession(str(fp32)), ort.InferenceSession(str(int8))
-    tok = source.tokenizer()
-    rng = np.random.default_rng(0)
-    words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:200]
-    agree, rhos, store_agree, store_rhos = [], [], [], []
-    for _ in range(lists):
-        text = " ".join(rng.choice(words, 6))
-        enc = tok(
-            [text] * 10,
-            ["<image>" * ranking.num_compressed_tokens] * 10,
-            truncation="only_first",
-            max_length=MAX_TEXT_TOKENS + ranking.num_compressed_tokens,
-            padding="longest",
-            return_tensors="np",
-        )
-        feeds = {
-            k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
-        }
-        width = ranking.language_model.config.hidden_size
-        feeds["compressed_tokens"] = rng.standard_normal(
-            (10, ranking.num_compressed_tokens, width)
-        ).astype(np.float16)
-        a, b = s32.run(None, feeds)[0][:, 0], s8.run(None, feeds)[0][:, 0]
-        agree.append(int(np.argmax(a) == np.argmax(b)))
-        rhos.append(spearman(a, b))
-        # int8 token storage (a collection with token_dtype="int8"): the same ranker on the
-        # dequantised tokens.
-        quantised, scales = quantise_int8(feeds["compressed_tokens"])
-        feeds["compressed_tokens"] = (quantised * scales[..., None]).astype(np.float16)
-        c = s32.run(None, feeds)[0][:, 0]
-        store_agree.append(int(np.argmax(a) == np.argmax(c)))
-        store_rhos.append(spearman(a, c))
-    return {
-        "lists": lists,
-        "top1_agreement": float(np.mean(agree)),
-        "spearman_mean": float(np.mean(rhos)),
-        "spearman_min": float(np.min(rhos)),
-        "int8_store_top1_agreement": float(np.mean(store_agree)),
-        "int8_store_spearman_mean": float(np.mean(store_rhos)),
-        "model": source.description,
-    }
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (continuous scores: no ties)."""
-    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
 def section_online_vit(rounds: int) -> dict:
@@ -427,7 +288,7 @@ def plots(results: dict, out: Path) -> list[str]:
     names = []
     r = results["ranker"]["pairs_per_s"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(r), list(r.values()), color=["#888", "#3a7", "#37a"])
+    ax.bar(list(r), list(r.values()), color=["#888", "#3a7", "#2a5", "#37a"][: len(r)])
     ax.set_ylabel("pairs / s")
     ax.set_title(f"Real-size ranker on this CPU (batch {results['ranker']['batch']})")
     fig.tight_layout()
@@ -479,13 +340,7 @@ def markdown(results: dict, command: str) -> str:
         f"| Triton-served / raw ONNX Runtime, equal batch (K={s['overhead']['k']}) | "
         f"{s['overhead']['triton_over_raw']:.2f}x | >= 0.9x | "
         f"{'met' if s['overhead']['triton_over_raw'] >= 0.9 else 'short'} |",
-        f"| int8 / fp32 ranker (ONNX Runtime, real size) | {r['int8_over_fp32']:.2f}x | >= 1.8x | "
-        f"{'met' if r['int8_over_fp32'] >= 1.8 else 'short'} |",
-        f"| int8 top-1 agreement / Spearman (default model) | {100 * a['top1_agreement']:.0f}% / "
-        f"{a['spearman_mean']:.3f} | >= 99% / >= 0.99 | "
-        f"{'met' if a['top1_agreement'] >= 0.99 and a['spearman_mean'] >= 0.99 else 'short'} |",
-        f"| Ranker FLOP rate / fp32 GEMM rate | {100 * r['fraction_of_gemm']:.0f}% | >= 50% | "
-        f"{'met' if r['fraction_of_gemm'] >= 0.5 else 'short'} |",
+        *headline_rows(r, a),
         f"| EDJE / online-ViT joint scorer (real sizes) | {v['edje_over_online_vit']:.0f}x | >= 20x | "
         f"{'met' if v['edje_over_online_vit'] >= 20 else 'short'} |",
         f"| rank-by-id / token passing, pairs/s (K={s['by_id']['k']}, {s['by_id']['concurrency']} clients) | "
@@ -493,31 +348,7 @@ def markdown(results: dict, command: str) -> str:
         f"| bytes on the wire per pair: tokens / by id | {s['by_id']['tokens_bytes_per_pair']:,.0f} / "
         f"{s['by_id']['by_id_bytes_per_pair']:.1f} | - | - |",
         "",
-        "## 1. The ranker at real size (MiniLM-L12-H384, Q=64, random weights)",
-        "",
-        f"Batch {r['batch']}, pair length {r['pair_length']} ({TEXT_LEN} text tokens + {Q} image tokens + [SEP]); "
-        f"{r['gflop_per_pair']:.2f} GFLOP per pair.",
-        "",
-        "| Engine | pairs/s |",
-        "| --- | --- |",
-        *[f"| {n} | {p:.1f} |" for n, p in r["pairs_per_s"].items()],
-        "",
-        f"This CPU's fp32 GEMM (torch, 1024^3): {r['gemm_gflops_fp32']:.0f} GFLOP/s; the fp32 ranker "
-        f"reaches {r['ranker_gflops_fp32']:.0f} GFLOP/s ({100 * r['fraction_of_gemm']:.0f}%).",
-        "",
-        "![ranker](bench_ranker.png)",
-        "",
-        "## 2. int8 dynamic quantisation",
-        "",
-        f"`edje-build-repo --quantize-ranker int8`. On the default model ({a['model']}), over "
-        f"{a['lists']} re-rank lists of 10 candidates: top-1 agreement "
-        f"{100 * a['top1_agreement']:.1f}%, Spearman mean {a['spearman_mean']:.4f} "
-        f"(min {a['spearman_min']:.4f}).",
-        "",
-        f'int8 token storage (a collection with `token_dtype="int8"`, half the bytes), fp32 ranker on the '
-        f"dequantised tokens, same lists: top-1 agreement {100 * a['int8_store_top1_agreement']:.1f}%, "
-        f"Spearman mean {a['int8_store_spearman_mean']:.4f}.",
-        "",
+        *ranker_lines(r, a),
         "## 3. EDJE against an online-ViT joint scorer",
         "",
         f"SigLIP2-L/16 at 384 px + adapter: {v['vit_adapter_s_per_image']:.2f} s per image "
@@ -585,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
         "date": time.strftime("%Y-%m-%d"),
     }
-    log.info("1/5 real-size ranker: eager vs ONNX Runtime fp32 vs int8")
+    log.info("1/5 real-size ranker: eager vs ONNX Runtime fp32 (plain, fused) vs int8, with GEMMs")
     results["ranker"] = section_ranker(work, batch=32, rounds=args.rounds)
     log.info("2/5 int8 agreement on the default model")
     results["int8"] = section_int8_agreement(source, work)
