@@ -93,7 +93,7 @@ def test_markdown_has_the_table_the_ratios_the_breakdown_and_the_choice(ratio10,
     text = "\n".join(lines)
     assert f"| {label(PICK)} | 16 | 64 | 700 | 750.0 | 1500.0 |" in lines
     assert sum(line.startswith(f"| {label(QUICKEST)} |") for line in lines) == 4
-    assert f"{ratio10:.2f} ({verdicts[0]})" in text and f"{ratio64:.2f} ({verdicts[1]})" in text
+    assert f"{ratio10:.3f} ({verdicts[0]})" in text and f"{ratio64:.3f} ({verdicts[1]})" in text
     for model in STAT_MODELS:
         assert f"| 10 | {model} | 0.50 | 0.50 | 0.50 | 0.50 | 0.50 |" in lines
     assert f"Choice: **{label(PICK)}**" in text and "`intra_op_threads=2`" in text

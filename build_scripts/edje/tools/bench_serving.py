@@ -297,7 +297,7 @@ def ratio_cells(row: dict) -> list[str]:
     for k, target in TARGETS.items():
         r = row["by_k"][str(k)]
         verdict = "met" if r["ratio"] >= target else "short"
-        cells += [f"{r['served_ms']:.1f} / {r['raw_ms']:.1f}", f"{r['ratio']:.2f} ({verdict})"]
+        cells += [f"{r['served_ms']:.1f} / {r['raw_ms']:.1f}", f"{r['ratio']:.3f} ({verdict})"]
     return cells
 
 
