@@ -42,6 +42,8 @@ from edje.configuration import (
     published_language_config,
     published_vision_config,
 )
+from edje.tools.bench_api import markdown_lines as api_lines
+from edje.tools.bench_api import section_api
 from edje.tools.bench_collections import markdown_lines as gather_lines
 from edje.tools.bench_collections import section_gather
 from edje.tools.bench_ranker import (
@@ -389,6 +391,7 @@ def markdown(results: dict, command: str) -> str:
         f"- Indexing through Triton (default model): {s['index_images_per_s']:.0f} images/s.",
         "",
         *gather_lines(results["gather"]),
+        *api_lines(results["api"]),
     ]
     return "\n".join(lines)
 
@@ -426,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     results["served"] = section_served(source, work, args.seconds, ks, cs)
     log.info("5/5 collections: the token bank's gather")
     results["gather"] = section_gather(work, rows=2000 if args.quick else 20_000)
+    log.info("6/6 the HTTP API over direct gRPC (the repository section 4 built)")
+    results["api"] = section_api(work / "repo", work)
     results["bytes"] = {
         "fp16_bytes_per_image": Q * D * 2,
         "int8_bytes_per_image": Q * D + 4 * Q,

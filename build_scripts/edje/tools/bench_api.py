@@ -141,6 +141,21 @@ def section_api(repository: Path, work: Path, rounds: int = 7, calls: int = 10) 
     return result
 
 
+def markdown_lines(a: dict) -> list[str]:
+    """The HTTP API section of ``performance.md``."""
+    ok = "met" if a["api_over_grpc"] >= 0.9 else "short"
+    return [
+        "## 7. The HTTP API over direct gRPC",
+        "",
+        f"`POST /v2/rerank` with K = {a['k']} stored ids against `EDJEClient.rerank_collection` "
+        f"over gRPC, interleaved, medians: {a['api_pairs_per_s']:.0f} against "
+        f"{a['direct_grpc_pairs_per_s']:.0f} pairs/s, **{a['api_over_grpc']:.2f}x** (target "
+        f">= 0.9x: {ok}); p50 {a['api_p50_ms']:.1f} against {a['direct_p50_ms']:.1f} ms "
+        f"(+{a['added_p50_ms']:.1f} ms).",
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
