@@ -202,7 +202,7 @@ def _save(model: onnx.ModelProto, out: Path) -> Path:
 
 # ONNX Runtime's FusionOptions per target of optimize_ranker, on top of its BERT defaults
 # (docs/optimisations.md has the measurements behind each choice).
-FUSIONS: dict[str, dict[str, bool]] = {
+FUSIONS: dict[str, dict[str, object]] = {
     # Attention (packed Q/K/V) and BiasGelu per layer; Add + LayerNorm stay two operators.
     "cpu": {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False},
     # ... and SkipLayerNormalization: one kernel on CUDA.
@@ -225,7 +225,7 @@ def optimize_ranker(
     out: str | Path | None = None,
     *,
     target: str = "cpu",
-    **options: bool,
+    **options: object,
 ) -> Counter:
     """ONNX Runtime's offline BERT fusions on an exported ranker, in place by default.
 

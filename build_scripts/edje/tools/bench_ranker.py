@@ -49,6 +49,8 @@ INT8_FP32_PARTS = (
 VARIANTS = {
     "fp32_sdpa_export": ("sdpa", None, False),
     "fp32_opt_skiplayernorm": ("plain", {"target": "cuda"}, False),
+    # Sequence lengths (ReduceSum of the mask) instead of the mask: right padding only.
+    "fp32_opt_mask_index": ("plain", {"attention_mask_format": 0}, False),
     "fp32_opt_multiheadattention": ("plain", {"use_multi_head_attention": True}, False),
     "fp32_opt_fastgelu": ("plain", {"enable_gelu_approximation": True}, False),
     "fp32_opt_gelu_without_bias": ("plain", {"enable_bias_gelu": False}, False),
@@ -244,7 +246,8 @@ def first_layer_nodes(path: Path) -> tuple[str, ...]:
 
 
 def quantize_static_qdq(path: Path, out: Path, calibration: list[dict]) -> Path:
-    """Static QDQ int8 of a graph's MatMuls (per-channel weights, MinMax calibration)."""
+    """Static QDQ int8 of a graph's projections (the MatMuls with a weight, as
+    :func:`quantize_int8`), per-channel weights, MinMax calibration on ``calibration``."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -252,6 +255,12 @@ def quantize_static_qdq(path: Path, out: Path, calibration: list[dict]) -> Path:
         QuantType,
         quantize_static,
     )
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    two_activations = [
+        n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights
+    ]
 
     class Feeds(CalibrationDataReader):
         def __init__(self) -> None:
@@ -266,6 +275,7 @@ def quantize_static_qdq(path: Path, out: Path, calibration: list[dict]) -> Path:
         Feeds(),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=two_activations,
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
