@@ -2,10 +2,11 @@
 
 **Section 1** (real size: MiniLM-L12-H384, Q=64, random weights, batch 32, 81 positions): torch
 eager, ONNX Runtime fp32 as exported, fp32 after :func:`edje.onnx_export.optimize_ranker` and int8
-(:func:`edje.onnx_export.quantize_int8` of the fused graph, what ``--quantize-ranker int8``
-builds), each interleaved round by round with three GEMM references: torch fp32 at 1024^3 (the
-reference of the targets), ONNX Runtime fp32 ``MatMul`` and int8 ``MatMulInteger`` (u8 x s8 ->
-s32) at the ranker's FFN shape [B*L, 384] x [384, 1536], so int8 is judged against its own limit.
+(:func:`edje.onnx_export.quantize_int8` of the graph fused for int8, what ``--quantize-ranker
+int8`` builds), each interleaved round by round with three GEMM references: torch fp32 at
+1024^3 (the reference of the targets), ONNX Runtime fp32 ``MatMul`` and int8 ``MatMulInteger``
+(u8 x s8 -> s32) at the ranker's FFN shape [B*L, 384] x [384, 1536], so int8 is judged against
+its own limit.
 Ratios are medians over rounds of the ratio within each round.
 
 **Section 2**: int8 against fp32 on the default model, over real re-rank lists: each caption of
@@ -74,8 +75,8 @@ VARIANTS = {
 def timed_rounds(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
     """Run each function once per round, interleaved; seconds per call, per function.
 
-    Round r starts at the r-th function (rotation), so no function always follows the same
-    neighbour (whose spinning threads or cache state it would inherit)."""
+    Round r starts at the r-th function (a rotation: the order stays the same cycle), so no
+    function always runs first, straight after the previous round's last."""
     for fn in fns.values():
         fn()  # warm-up
     names = list(fns)
