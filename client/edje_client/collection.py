@@ -317,13 +317,21 @@ class ImageCollection:
 
     def rows_at(self, addresses: np.ndarray) -> np.ndarray:
         """Row numbers of Lance row addresses (``fragment_id << 32 | offset_in_fragment``)."""
-        starts, total = {}, 0
-        for fragment in self._dataset.get_fragments():
-            starts[fragment.fragment_id] = total
-            total += fragment.count_rows()
+        starts = self._fragment_starts()
         addresses = np.asarray(addresses, dtype=np.int64)
         base = np.array([starts[int(a) >> 32] for a in addresses], dtype=np.int64)
         return base + (addresses & 0xFFFFFFFF)
+
+    def _fragment_starts(self) -> dict[int, int]:
+        """First row of each fragment, computed once per dataset version."""
+        version = self._dataset.version
+        if getattr(self, "_starts_version", None) != version:
+            starts, total = {}, 0
+            for fragment in self._dataset.get_fragments():
+                starts[fragment.fragment_id] = total
+                total += fragment.count_rows()
+            self._starts, self._starts_version = starts, version
+        return self._starts
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of ``ids``, in order; ``KeyError`` naming the first unknown id."""
