@@ -65,3 +65,28 @@ def test_trimming_trailing_padding_changes_no_result(ranker):
     assert trimmed["input_ids"].shape == (2, 3) and trimmed["compressed_tokens"].shape == (2, 3, 4)
     full = {"attention_mask": np.ones((2, 5)), "input_ids": np.ones((2, 5))}
     assert module.trim_trailing_padding(full, "attention_mask")["input_ids"].shape == (2, 5)
+
+
+_SPINNING_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
+def _spinning(model) -> tuple[str, str]:
+    """The ranker session's spin-wait entries, read back from ONNX Runtime itself."""
+    options = model.session.get_session_options()
+    return tuple(options.get_session_config_entry(key) for key in _SPINNING_KEYS)
+
+
+def test_allow_spinning_and_threads_reach_the_onnx_runtime_session(ranker, repo_dir):
+    model, module = ranker
+    assert module.SPINNING_KEYS == _SPINNING_KEYS
+    # The built default: ORT's own spin-waiting, one intra-op thread per instance.
+    assert _spinning(model) == ("1", "1")
+    assert model.session.get_session_options().intra_op_num_threads == 1
+    quiet, _ = load_model(repo_dir / "edje_ranker", allow_spinning="0", intra_op_thread_count="2")
+    assert _spinning(quiet) == ("0", "0")
+    assert quiet.session.get_session_options().intra_op_num_threads == 2
+    for word, expected in (("false", "0"), ("on", "1"), ("", "1")):  # "" = unset: the default
+        other, _ = load_model(repo_dir / "edje_ranker", allow_spinning=word)
+        assert _spinning(other) == (expected, expected), word
+    with pytest.raises(ValueError, match=r"edje_ranker: parameter 'allow_spinning' = 'maybe'"):
+        load_model(repo_dir / "edje_ranker", allow_spinning="maybe")

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from edje.build_repo import (
     DEFAULT_TRT_CACHE_PATH,
+    INT_OPTIONS,
     MANIFEST,
     SHARED_DIR,
     TEMPLATE_DIR,
@@ -24,6 +25,8 @@ from edje.build_repo import (
     gpu_config_lines,
     gpu_models,
     main,
+    parse_args,
+    template_values,
 )
 
 MODELS = (
@@ -38,6 +41,7 @@ MODELS = (
     "edje_vision_adapter",
 )
 ONNX = ("edje_ranker", "edje_text_encoder", "edje_vision_adapter")
+SERVING_RECORD = TEMPLATE_DIR.parent / "docs" / "serving.json"  # the sweep behind the defaults
 # The TensorRT accelerator parameters Triton's onnxruntime backend accepts (src/onnxruntime.cc of
 # triton-inference-server/onnxruntime_backend; its README's mapping table). It refuses any other
 # key, and the model then fails to load.
@@ -116,6 +120,63 @@ def test_python_runtime_configs(repo_dir):
     ]
     assert list(ranker.input[3].dims) == [64, 384] and ranker.max_batch_size == 256
     assert list(configs["edje_index"].output[0].dims) == [64, 384]
+    # conftest builds with rank_queue_delay_us=20000: the tokenizer keeps its own default, 0.
+    assert ranker.dynamic_batching.max_queue_delay_microseconds == 20_000
+    assert configs["edje_tokenizer"].dynamic_batching.max_queue_delay_microseconds == 0
+    assert [g.count for g in ranker.instance_group] == [2]
+    for name in ONNX:
+        parameters = {k: v.string_value for k, v in configs[name].parameters.items()}
+        assert parameters["intra_op_thread_count"] == "1", name
+        assert parameters["allow_spinning"] == "1", name
+
+
+def test_serving_defaults_are_the_sweeps_choice():
+    """RepoSettings(), and so edje-build-repo without flags, ships what docs/serving.json's
+    sweep chose; the tokenizer waits for no batch and ORT keeps its own spin-waiting."""
+    defaults, args = RepoSettings(), parse_args([])
+    expected = {
+        "rank_queue_delay_us": 200,
+        "ranker_instances": 2,
+        "intra_op_threads": 1,
+        "tokenizer_queue_delay_us": 0,
+        "allow_spinning": 1,
+    }
+    assert {k: getattr(defaults, k) for k in expected} == expected
+    assert {k: getattr(args, k) for k in expected} == expected
+    choice = json.loads(SERVING_RECORD.read_text())["defaults"]["choice"]
+    shipped = {k: getattr(defaults, k) for k in choice}
+    assert shipped == choice, f"{SERVING_RECORD} chose {choice}; RepoSettings ships {shipped}"
+
+
+def test_flags_reach_the_configs(tiny_source, tiny_models):
+    """The tokenizer's delay is its own flag; --allow-spinning and the ranker's settings land
+    in the configs the builder fills."""
+    flags = {"rank-queue-delay-us": 300, "tokenizer-queue-delay-us": 700, "ranker-instances": 3}
+    flags |= {"intra-op-threads": 2, "allow-spinning": 0}
+    args = parse_args([word for k, v in flags.items() for word in (f"--{k}", str(v))])
+    settings = RepoSettings(**{name: getattr(args, name) for name in INT_OPTIONS})
+    indexing, ranking = tiny_models
+    tokenizer, text_tokenizer = tiny_source.tokenizer(), tiny_source.text_tokenizer()
+    dims = tiny_source.edje_config(indexing, ranking, text_tokenizer).dims()
+    values = template_values(tiny_source, settings, dims, tokenizer, text_tokenizer)
+
+    def config(name: str) -> model_config_pb2.ModelConfig:
+        text = fill_template(TEMPLATE_DIR / name / "config.pbtxt", values)
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    ranker = config("edje_ranker")
+    assert ranker.dynamic_batching.max_queue_delay_microseconds == 300
+    assert config("edje_tokenizer").dynamic_batching.max_queue_delay_microseconds == 700
+    assert [g.count for g in ranker.instance_group] == [3]
+    for name in ONNX:
+        parameters = {k: v.string_value for k, v in config(name).parameters.items()}
+        assert (parameters["intra_op_thread_count"], parameters["allow_spinning"]) == ("2", "0")
+
+
+def test_allow_spinning_takes_0_or_1(tmp_path, capsys):
+    assert main(["--allow-spinning", "2", "--output", str(tmp_path / "r")]) == 2
+    assert "--allow-spinning takes 0 or 1, got 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_onnxruntime_gpu_configs(gpu_repo):

@@ -201,7 +201,12 @@ class RepoSettings:
     index_queue_timeout_us: int = 30_000_000
     rank_max_batch_size: int = 256
     rank_preferred_batch_sizes: str = "64, 128, 256"
-    rank_queue_delay_us: int = 1000
+    # The ranker's defaults (delay, instances, threads) are the serving sweep's choice
+    # (docs/serving.json, `python -m edje.tools.bench_serving`).
+    rank_queue_delay_us: int = 200
+    # The query tokenizer has no preferred batch sizes, so a lone request always waits out its
+    # whole delay; under load, requests that queue while it runs still batch.
+    tokenizer_queue_delay_us: int = 0
     rank_max_queue_size: int = 128
     rank_queue_timeout_us: int = 5_000_000
     text_max_batch_size: int = 64
@@ -209,8 +214,9 @@ class RepoSettings:
     preprocess_instances: int = 1
     vision_instances: int = 1
     tokenizer_instances: int = 1
-    ranker_instances: int = 1
-    intra_op_threads: int = 0
+    ranker_instances: int = 2
+    intra_op_threads: int = 1
+    allow_spinning: int = 1
     decode_threads: int = 4
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 32 * 1024 * 1024
@@ -226,6 +232,8 @@ class RepoSettings:
             raise ValueError("--gpu/--tensorrt need --runtime onnxruntime (NVIDIA's container)")
         if self.tensorrt and not self.gpu:
             raise ValueError("--tensorrt needs --gpu")
+        if self.allow_spinning not in (0, 1):
+            raise ValueError(f"--allow-spinning takes 0 or 1, got {self.allow_spinning!r}")
         if self.quantize_ranker not in ("", "int8"):
             raise ValueError(f"--quantize-ranker takes 'int8', got {self.quantize_ranker!r}")
         if not re.fullmatch(r"(/[\w.-]+)+", self.trt_cache_path):
@@ -238,12 +246,15 @@ class RepoSettings:
 # Integer settings that edje-build-repo exposes, with their help (None: the name says it).
 INT_OPTIONS = {
     "rank_max_batch_size": None,
-    "rank_queue_delay_us": None,
+    "rank_queue_delay_us": "the ranker's dynamic-batching delay, microseconds",
+    "tokenizer_queue_delay_us": "the query tokenizer's dynamic-batching delay, microseconds",
     "index_max_batch_size": None,
     "rank_max_queue_size": "ranker requests queued before new ones are refused with UNAVAILABLE",
     "rank_queue_timeout_us": "a ranker request queued longer is refused (0: no timeout)",
     "ranker_instances": None,
-    "intra_op_threads": "ONNX Runtime threads per instance (0: ORT's default)",
+    "intra_op_threads": "ONNX Runtime threads per ONNX model instance (0: ORT's default)",
+    "allow_spinning": "1: ONNX Runtime's threads spin-wait for work (ORT's default); 0: they "
+    "sleep (python runtime; Triton's onnxruntime backend does not read it)",
     "max_image_pixels": "refuse larger images (decompression-bomb guard)",
     "max_bank_bytes": "refuse a token bank whose tokens exceed this (0: the machine's RAM or "
     "the container's memory limit)",

@@ -8,9 +8,11 @@ are concatenated and run in ONE session call (``edje_backend_utils.BatchExecutor
 whose floating-point inputs hold NaN or Inf fails alone with ``INVALID_ARG``.
 
 Config parameters: ``onnx_file`` (default ``model.onnx``); ``intra_op_thread_count`` (0 = ORT's
-default; the same key Triton's ``onnxruntime`` backend reads); and ``trim_padding`` naming a [B,L]
-mask input: trailing columns that are padding in every row are cut before the run, which changes
-no result (padding sits at the end).
+default; the same key Triton's ``onnxruntime`` backend reads); ``allow_spinning`` (a boolean,
+default true = ORT's default: idle pool threads spin-wait for the next work instead of sleeping;
+it sets :data:`SPINNING_KEYS`; Triton's ``onnxruntime`` backend does not read this key); and
+``trim_padding`` naming a [B,L] mask input: trailing columns that are padding in every row are cut
+before the run, which changes no result (padding sits at the end).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from edje_backend_utils import BatchExecutor, Parameters, RequestError, input_array, model_config
+
+# ONNX Runtime's session config entries for spin-waiting, intra-op and inter-op pools ("1"/"0").
+SPINNING_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
 
 def trim_trailing_padding(feeds: dict[str, np.ndarray], mask_name: str) -> dict[str, np.ndarray]:
@@ -54,6 +59,9 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = params.get_int("intra_op_thread_count", 0, minimum=0)
         options.inter_op_num_threads = 1
+        spinning = "1" if params.get_bool("allow_spinning", True) else "0"
+        for key in SPINNING_KEYS:
+            options.add_session_config_entry(key, spinning)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]

@@ -15,9 +15,15 @@ round by round, because this machine is shared and noisy. Sections:
    p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
 5. **Bytes and images:** bytes per pair on the wire, storage per image, indexing images/s.
 6. **Collections:** the token bank's random gather against an in-RAM numpy gather and Lance's
-   ``take`` (:mod:`edje.tools.bench_collections`).
+   ``take`` (:mod:`edje.tools.bench_collections`); then the HTTP API over direct gRPC
+   (:mod:`edje.tools.bench_api`).
+7. **Serving defaults:** the sweep of the ranker's queue delay x instances x ORT threads at 1, 4
+   and 16 clients, K = 10 and 64, the defaults its rule picks, and served / raw ONNX Runtime for
+   the shipped defaults and the variants around them (:mod:`edje.tools.bench_serving`). 1 s
+   cells here (its ``bench`` plan); ``--full-sweep``: the 2 s cells of ``docs/serving.json``,
+   which is then written too; ``--quick``: its smaller grid.
 
-Writes ``results.json``, PNG plots and ``performance.md`` into ``--out`` (default ``docs``).
+Writes ``bench_results.json``, PNG plots and ``performance.md`` into ``--out`` (default ``docs``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from edje.tools.bench_ranker import (
     timed_rounds,
 )
 from edje.tools.bench_ranker import markdown_lines as ranker_lines
+from edje.tools.bench_serving import headline_rows as serving_headline_rows
+from edje.tools.bench_serving import markdown_lines as serving_lines
 
 log = logging.getLogger("edje.tools.bench")
 
@@ -349,6 +357,7 @@ def markdown(results: dict, command: str) -> str:
         f"{s['by_id']['by_id_over_tokens']:.2f}x | - | - |",
         f"| bytes on the wire per pair: tokens / by id | {s['by_id']['tokens_bytes_per_pair']:,.0f} / "
         f"{s['by_id']['by_id_bytes_per_pair']:.1f} | - | - |",
+        *serving_headline_rows(results["serving"]),
         "",
         *ranker_lines(r, a),
         "## 3. EDJE against an online-ViT joint scorer",
@@ -392,8 +401,30 @@ def markdown(results: dict, command: str) -> str:
         "",
         *gather_lines(results["gather"]),
         *api_lines(results["api"]),
+        *serving_lines(results["serving"], "8. Serving defaults, by measurement"),
     ]
     return "\n".join(lines)
+
+
+# Section 7's plan (edje.tools.bench_serving.PLANS) -> the command that runs it.
+SERVING_COMMANDS = {
+    "bench": "make bench",
+    "full": "make bench BENCH_ARGS=--full-sweep",
+    "quick": "python -m edje.tools.bench --quick",
+}
+
+
+def serving_plan(args: argparse.Namespace) -> str:
+    """The :data:`edje.tools.bench_serving.PLANS` entry section 7 runs."""
+    return "full" if args.full_sweep else "quick" if args.quick else "bench"
+
+
+def section_serving(source, work: Path, plan: str, **overrides) -> dict:
+    """The serving sweep, its chosen defaults and the served / raw ratios (``bench_serving``;
+    ``overrides``: more keywords of its ``run``)."""
+    from edje.tools import bench_serving
+
+    return bench_serving.run(source, work, plan, command=SERVING_COMMANDS[plan], **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each served cell")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model-level ratio")
     p.add_argument("--quick", action="store_true", help="smaller grid (for a smoke run)")
+    p.add_argument(
+        "--full-sweep",
+        action="store_true",
+        help="section 7 at full length (2 s cells, about 11 min on 2 cores; also writes "
+        "serving.json into --out) instead of 1 s cells",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -419,18 +456,23 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
         "date": time.strftime("%Y-%m-%d"),
     }
-    log.info("1/5 real-size ranker: eager vs ONNX Runtime fp32 (plain, fused) vs int8, with GEMMs")
+    log.info("1/7 real-size ranker: eager vs ONNX Runtime fp32 (plain, fused) vs int8, with GEMMs")
     results["ranker"] = section_ranker(work, batch=32, rounds=args.rounds)
-    log.info("2/5 int8 agreement on the default model")
+    log.info("2/7 int8 agreement on the default model")
     results["int8"] = section_int8_agreement(source, work)
-    log.info("3/5 EDJE vs an online-ViT joint scorer at real size")
+    log.info("3/7 EDJE vs an online-ViT joint scorer at real size")
     results["online_vit"] = section_online_vit(rounds=max(2, args.rounds // 2))
-    log.info("4/5 served by Triton")
+    log.info("4/7 served by Triton")
     results["served"] = section_served(source, work, args.seconds, ks, cs)
-    log.info("5/5 collections: the token bank's gather")
+    log.info("5/7 collections: the token bank's gather")
     results["gather"] = section_gather(work, rows=2000 if args.quick else 20_000)
-    log.info("6/6 the HTTP API over direct gRPC (the repository section 4 built)")
+    log.info("6/7 the HTTP API over direct gRPC (the repository section 4 built)")
     results["api"] = section_api(work / "repo", work)
+    plan = serving_plan(args)
+    log.info("7/7 serving defaults: the sweep (%s plan) and served / raw ONNX Runtime", plan)
+    results["serving"] = section_serving(source, work / "serving", plan)
+    if plan == "full":
+        (out / "serving.json").write_text(json.dumps(results["serving"], indent=2) + "\n")
     results["bytes"] = {
         "fp16_bytes_per_image": Q * D * 2,
         "int8_bytes_per_image": Q * D + 4 * Q,

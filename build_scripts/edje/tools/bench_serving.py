@@ -6,13 +6,16 @@
 2. :func:`ratios`: one client, Triton against ONNX Runtime in this process (same graph, trimmed
    pairs, session options), one call each per round (``bench.timed_rounds``), median of the
    rounds' ratios (targets >= 0.8 at K=10, >= 0.95 at K=64), Triton's per-model statistics, for
-   the shipped and chosen defaults and each attempt at closing the gap (:data:`ATTEMPTS`).
+   the shipped, the old and the chosen defaults and each variant around them (:data:`ATTEMPTS`).
 3. :func:`pick_defaults` by a stated rule; :func:`markdown_lines` for docs/performance.md.
 
-The machine is shared: compare the ratios, taken call by call in one loop; the sweep's absolute
-numbers move with the other load, and its load generator runs on the same cores.
+:func:`run` does all three with one of :data:`PLANS`: ``full`` (the issue's grid, 2 s cells: the
+record behind ``RepoSettings``' defaults, docs/serving.json), ``bench`` (the same grid, shorter
+cells: ``make bench``'s section) or ``quick``. The machine is shared: compare the ratios, taken
+call by call in one loop; the sweep's absolute numbers move with the other load, and its load
+generator runs on the same cores.
 
-    python -m edje.tools.bench_serving --out docs/serving.json [--quick]
+    python -m edje.tools.bench_serving --out docs/serving.json [--plan bench|quick]
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import itertools
 import json
 import logging
 import os
-import re
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,16 @@ from edje.build_repo import RepoSettings, build_repository
 
 log = logging.getLogger("edje.tools.bench_serving")
 
-KNOBS = ("rank_queue_delay_us", "ranker_instances", "intra_op_threads")
+KNOBS = ("rank_queue_delay_us", "ranker_instances", "intra_op_threads")  # swept
+# Also set per attempt of the served/raw ratio (the tokenizer's delay, ORT's spin-waiting).
+RATIO_KNOBS = (*KNOBS, "tokenizer_queue_delay_us", "allow_spinning")
 FULL = {"delays_us": (200, 1000, 5000, 20_000), "instances": (1, 2), "threads": (1, 2)}
 FULL |= {"clients": (1, 4, 16), "ks": (10, 64), "seconds": 2.0, "ratio_seconds": 8.0}
+# make bench: the whole grid, shorter cells (about 7 minutes on 2 cores; FULL about 11).
+BENCH = FULL | {"seconds": 1.0, "ratio_seconds": 3.0}
 QUICK = FULL | {"delays_us": (200, 5000), "instances": (1,), "clients": (1, 16)}
 QUICK |= {"seconds": 1.0, "ratio_seconds": 2.0}
+PLANS = {"full": FULL, "bench": BENCH, "quick": QUICK}
 GRID = ("delays_us", "instances", "threads", "clients", "ks")
 TARGETS = {10: 0.8, 64: 0.95}  # served / raw ONNX Runtime, one client
 STAT_MODELS = ("edje_rank", "edje_tokenizer", "edje_ranker")
@@ -62,16 +69,18 @@ def sweep_cells(c: dict) -> list[str]:
     return [label(c["setting"]), *map(str, values), f"{c['p99_ms']:.1f}"]
 
 
+def long_label(setting: dict) -> str:
+    """:func:`label` plus the tokenizer's delay and, when off, ORT's spin-waiting."""
+    text = f"{label(setting)}, tokenizer {setting['tokenizer_queue_delay_us'] / 1000:g} ms"
+    return text + ("" if setting["allow_spinning"] else ", no spin-wait")
+
+
 @contextlib.contextmanager
-def serving(
-    source, work: Path, settings: RepoSettings, edits: Sequence[tuple[str, str, str]] = ()
-) -> Iterator[tuple[Path, object]]:
-    """Build the repository at ``work/repo`` (then apply ``edits``), serve it: (repo, server)."""
+def serving(source, work: Path, settings: RepoSettings) -> Iterator[tuple[Path, object]]:
+    """Build the repository at ``work/repo``, serve it: (repo, server)."""
     from edje_client.server import TritonServer
 
     repo = build_repository(source, work / "repo", settings)
-    for edit in edits:
-        apply_edit(repo, edit)
     log_file = work / "tritonserver.log"
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log_file) as server:
         yield repo, server
@@ -132,62 +141,68 @@ def pick_defaults(results: dict, p99_slack: float = 1.5) -> dict:
     }
 
 
-# Edits of a built repository: (file, a regex it must match exactly once, the replacement).
-TOKENIZER_DELAY_0 = (  # the ranker keeps rank_queue_delay_us
-    "edje_tokenizer/config.pbtxt",
-    r"max_queue_delay_microseconds: \d+",
-    "max_queue_delay_microseconds: 0",
-)
-NO_SPIN = (  # the served ranker's ORT threads block instead of spin-waiting between runs
-    "edje_ranker/1/onnx_runner.py",
-    r"( +)options\.inter_op_num_threads = 1\n",
-    r'\g<0>\1options.add_session_config_entry("session.intra_op.allow_spinning", "0")\n',
-)
-
-
-def apply_edit(repo: Path, edit: tuple[str, str, str]) -> None:
-    """One edit of :data:`TOKENIZER_DELAY_0`'s form; an error unless it matches exactly once."""
-    path, pattern, replacement = edit
-    text, n = re.subn(pattern, replacement, (repo / path).read_text())
-    if n != 1:
-        raise RuntimeError(f"{repo / path}: {pattern!r} matched {n} times, not once")
-    (repo / path).write_text(text)
-
-
 @dataclass(frozen=True)
 class Attempt:
-    """One configuration whose served/raw ratio is measured: overrides on the chosen defaults
-    (on RepoSettings() when ``absolute``), patches of the built repository, and what it was
-    expected to do. The raw session spin-waits as the served one does."""
+    """One configuration whose served/raw ratio is measured: ``overrides`` on the chosen
+    defaults (on RepoSettings() when ``absolute``), a dict or a function of those settings, and
+    what it was expected to do. The raw session spin-waits when the served one does."""
 
     name: str
     expected: str
-    overrides: dict = field(default_factory=dict)
-    edits: tuple[tuple[str, str, str], ...] = ()
+    overrides: dict | Callable[[RepoSettings], dict] = field(default_factory=dict)
     absolute: bool = False
 
-    @property
-    def spinning(self) -> bool:
-        return NO_SPIN not in self.edits
+    def settings(self, chosen: dict) -> RepoSettings:
+        base = RepoSettings(**({} if self.absolute else chosen))
+        extra = self.overrides(base) if callable(self.overrides) else self.overrides
+        return RepoSettings(**asdict(base) | extra)
 
+
+OLD_DEFAULTS = {  # RepoSettings before the sweep: the tokenizer shared the ranker's delay
+    "rank_queue_delay_us": 1000,
+    "tokenizer_queue_delay_us": 1000,
+    "ranker_instances": 1,
+    "intra_op_threads": 0,
+    "allow_spinning": 1,
+}
 
 ATTEMPTS = (
     Attempt("shipped defaults", "reference: RepoSettings() as shipped", absolute=True),
-    Attempt("chosen defaults", "the sweep's choice, before any fix"),
     Attempt(
-        "queue delay 0",
-        "a lone request waits the delay in the tokenizer (no preferred sizes) and, at K=10, in "
-        "the ranker (10 is not preferred): saves ~2x the delay at K=10, ~1x at K=64",
+        "old defaults",
+        "reference: before the sweep (ranker and tokenizer 1 ms, 1 instance, ORT's threads)",
+        OLD_DEFAULTS,
+        absolute=True,
+    ),
+    Attempt("chosen defaults", "the sweep's choice (tokenizer delay and spin-wait as shipped)"),
+    Attempt(
+        "tokenizer delay = ranker's",
+        "as before this fix: a lone request waits the delay in the tokenizer too (it has no "
+        "preferred sizes): ~1x the delay more at both K",
+        lambda s: {"tokenizer_queue_delay_us": s.rank_queue_delay_us},
+    ),
+    Attempt(
+        "ranker delay 0",
+        "at K=10 a lone request waits the delay in the ranker (10 is not preferred): saves ~1x "
+        "the delay at K=10; fewer merged batches under load",
         {"rank_queue_delay_us": 0},
     ),
-    Attempt("tokenizer delay 0", "saves ~1x the delay at both K", edits=(TOKENIZER_DELAY_0,)),
     Attempt(
         "no ORT spin-wait",
-        "idle ORT pool threads stop taking cores from the stubs and gRPC: faster with 2 threads, "
-        "no change with 1 (no pool)",
-        edits=(NO_SPIN,),
+        "no change with 1 thread (no pool to spin); idle pool threads stop taking cores from "
+        "the stubs and gRPC with more",
+        {"allow_spinning": 0},
     ),
-    Attempt("both fixes", "tokenizer delay 0 + no spin-wait", edits=(TOKENIZER_DELAY_0, NO_SPIN)),
+    Attempt(
+        "2 ORT threads, spin-wait",
+        "2 instances x 2 threads on 2 cores: oversubscribed",
+        {"intra_op_threads": 2, "allow_spinning": 1},
+    ),
+    Attempt(
+        "2 ORT threads, no spin-wait",
+        "faster than spin-waiting with 2 threads: idle pool threads sleep",
+        {"intra_op_threads": 2, "allow_spinning": 0},
+    ),
 )
 
 
@@ -265,8 +280,8 @@ def ranker_session(repo: Path, threads: int, spinning: bool):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        options.add_session_config_entry(key, "1" if spinning else "0")
     path = str(repo / "edje_ranker" / "1" / "model.onnx")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
@@ -274,19 +289,25 @@ def ranker_session(repo: Path, threads: int, spinning: bool):
 def ratios(
     source, work: Path, chosen: dict, seconds: float, attempts: Sequence[Attempt] = ATTEMPTS
 ) -> list[dict]:
-    """Served / raw at K = 10 and 64 for each attempt (built, served and measured in turn)."""
+    """Served / raw at K = 10 and 64 for each attempt (built, served and measured in turn); an
+    attempt whose settings an earlier one had is not measured again (``same_as``: its name)."""
     q, d = shape(source)
     tok = source.tokenizer()
-    rows = []
+    rows: list[dict] = []
     for attempt in attempts:
-        settings = RepoSettings(**({} if attempt.absolute else chosen) | attempt.overrides)
-        with serving(source, work, settings, attempt.edits) as (repo, server):
-            session = ranker_session(repo, settings.intra_op_threads, attempt.spinning)
+        settings = attempt.settings(chosen)
+        setting = {n: getattr(settings, n) for n in RATIO_KNOBS}
+        row = {"name": attempt.name, "expected": attempt.expected, "setting": setting}
+        row |= {"label": long_label(setting), "spinning": bool(settings.allow_spinning)}
+        earlier = next((r for r in rows if r["setting"] == setting and "by_k" in r), None)
+        if earlier:
+            rows.append(row | {"same_as": earlier["name"], "by_k": earlier["by_k"]})
+            log.info("%s: the settings of %s", attempt.name, earlier["name"])
+            continue
+        with serving(source, work, settings) as (repo, server):
+            session = ranker_session(repo, settings.intra_op_threads, row["spinning"])
             by_k = {str(k): served_ratio(server, session, tok, k, q, d, seconds) for k in TARGETS}
-        setting = {n: getattr(settings, n) for n in KNOBS}
-        name = label(setting) + ("" if attempt.spinning else ", no spin-wait")
-        rows.append({"name": attempt.name, "expected": attempt.expected, "setting": setting})
-        rows[-1] |= {"label": name, "spinning": attempt.spinning, "by_k": by_k}
+        rows.append(row | {"by_k": by_k})
         log.info("%s: %s", attempt.name, " ".join(ratio_cells(rows[-1])))
     return rows
 
@@ -307,11 +328,27 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
     return ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *body, ""]
 
 
-def markdown_lines(results: dict) -> list[str]:
+def headline_rows(results: dict) -> list[str]:
+    """performance.md's headline rows: served / raw at each K of :data:`TARGETS`, for the
+    shipped defaults (the first row of ``results["ratios"]`` otherwise)."""
+    rows = results["ratios"]
+    row = next((r for r in rows if r["name"] == "shipped defaults"), rows[0])
+    lines = []
+    for k, target in TARGETS.items():
+        ratio = row["by_k"][str(k)]["ratio"]
+        lines.append(
+            f"| Triton-served / raw ONNX Runtime, one client, K={k} ({row['name']}: "
+            f"{row['label']}) | {ratio:.3f}x | >= {target}x | "
+            f"{'met' if ratio >= target else 'short'} |"
+        )
+    return lines
+
+
+def markdown_lines(results: dict, title: str = "Serving defaults, by measurement") -> list[str]:
     """The section for docs/performance.md: sweep table, ratios, time breakdown, defaults."""
     s, pick, ev = results["sweep"], results["defaults"], results["defaults"]["evidence"]
     lines = [
-        "## Serving defaults, by measurement",
+        f"## {title}",
         "",
         f"`{results.get('command', 'python -m edje.tools.bench_serving')}` on "
         f"{results.get('machine', 'this machine')} ({results.get('date', '')}); model: "
@@ -326,11 +363,16 @@ def markdown_lines(results: dict) -> list[str]:
     ]
     header = ["attempt", "setting"]
     header += [f"K={k} {m}" for k in TARGETS for m in ("served / raw ms", "ratio")] + ["expected"]
-    rows = [[r["name"], r["label"], *ratio_cells(r), r["expected"]] for r in results["ratios"]]
+    rows = [
+        [r["name"], r["label"], *ratio_cells(r)]
+        + [f"(the settings of {r['same_as']})" if "same_as" in r else r["expected"]]
+        for r in results["ratios"]
+    ]
     lines += table(header, rows)
-    for row in (r for r in results["ratios"] if r["name"] == "chosen defaults"):
+    names = ("shipped defaults", "chosen defaults")
+    for row in [r for r in results["ratios"] if r["name"] in names][:1]:
         lines += [
-            "### Where the time goes (chosen defaults, one client)",
+            f"### Where the time goes ({row['name']}, one client)",
             "",
             "Median ms per request, from Triton's per-model statistics read after every served "
             "call. `edje_rank` is the ensemble (its phases span its steps); compute_output is the "
@@ -348,6 +390,18 @@ def markdown_lines(results: dict) -> list[str]:
         lines += table(("K", "model", *PHASES, "total"), rows)
     choice = ", ".join(f"`{k}={v}`" for k, v in pick["choice"].items())
     limit = ev["p99_slack"] * ev["best_p99_ms"]
+    shipped = results.get("shipped")
+    if shipped:
+        differ = [f"`{k}={shipped[k]}`" for k, v in pick["choice"].items() if shipped[k] != v]
+        verdict = f"differ from the choice in {', '.join(differ)}" if differ else "match it"
+        shipped_line = [
+            "",
+            "Shipped defaults (`RepoSettings()`): "
+            + ", ".join(f"`{k}={v}`" for k, v in shipped.items())
+            + f"; they {verdict}.",
+        ]
+    else:
+        shipped_line = []
     return lines + [
         "### Chosen defaults",
         "",
@@ -357,7 +411,40 @@ def markdown_lines(results: dict) -> list[str]:
         f"{ev['p99_ms']:.1f} ms against the best {ev['best_p99_ms']:.1f} ms (limit {limit:.1f} "
         f"ms). Eligible: {'; '.join(ev['eligible'])}. Fastest of all: "
         f"{ev['fastest']['setting']} ({ev['fastest']['pairs_per_s']:.0f} pairs/s).",
+        *shipped_line,
+        "",
     ]
+
+
+def run(
+    source,
+    work: Path,
+    plan: str | dict = "full",
+    seconds: float | None = None,
+    ratio_seconds: float | None = None,
+    attempts: Sequence[Attempt] = ATTEMPTS,
+    command: str = "python -m edje.tools.bench_serving",
+) -> dict:
+    """The sweep, the chosen defaults and the served/raw ratios with one of :data:`PLANS` (or a
+    dict of their keys); ``seconds`` / ``ratio_seconds`` override the plan's cell durations."""
+    grid = PLANS[plan] if isinstance(plan, str) else plan
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shipped = RepoSettings()
+    results: dict = {
+        "command": command,
+        "plan": plan if isinstance(plan, str) else "custom",
+        "machine": f"{os.cpu_count()} CPUs, no GPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": source.description,
+        "shipped": {k: getattr(shipped, k) for k in RATIO_KNOBS},
+    }
+    results["sweep"] = sweep(source, work, seconds or grid["seconds"], grid)
+    results["defaults"] = pick_defaults(results)
+    choice, ratio_seconds = results["defaults"]["choice"], ratio_seconds or grid["ratio_seconds"]
+    results["ratios"] = ratios(source, work, choice, ratio_seconds, attempts)
+    results["elapsed_s"] = time.perf_counter() - started
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,31 +452,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     p.add_argument("--out", default="docs/serving.json", help="where the results JSON goes")
     p.add_argument("--work", default="build/bench_serving")
-    p.add_argument("--quick", action="store_true", help="a smaller grid and shorter cells")
+    p.add_argument(
+        "--plan",
+        choices=tuple(PLANS),
+        default="full",
+        help="full: the issue's grid, 2 s cells (about 11 min on 2 cores); bench: the same grid, "
+        "1 s cells (make bench's); quick: a smaller grid",
+    )
+    p.add_argument("--quick", action="store_true", help="the same as --plan quick")
     p.add_argument("--seconds", type=float, help="seconds per sweep cell")
     p.add_argument("--ratio-seconds", type=float, help="seconds per served/raw measurement")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from edje.build_repo import default_source
 
-    plan = QUICK if args.quick else FULL
+    plan = "quick" if args.quick else args.plan
     work, out = Path(args.work), Path(args.out)
     for folder in (work, out.parent):
         folder.mkdir(parents=True, exist_ok=True)
     source = default_source(work / "src")
-    started = time.perf_counter()
-    results: dict = {
-        "command": "python -m edje.tools.bench_serving" + (" --quick" if args.quick else ""),
-        "machine": f"{os.cpu_count()} CPUs, no GPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "model": source.description,
-    }
-    seconds = args.seconds or plan["seconds"]
-    results["sweep"] = sweep(source, work, seconds, plan)
-    results["defaults"] = pick_defaults(results)
-    seconds = args.ratio_seconds or plan["ratio_seconds"]
-    results["ratios"] = ratios(source, work, results["defaults"]["choice"], seconds)
-    results["elapsed_s"] = time.perf_counter() - started
+    command = "python -m edje.tools.bench_serving" + ("" if plan == "full" else f" --plan {plan}")
+    results = run(source, work, plan, args.seconds, args.ratio_seconds, command=command)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(markdown_lines(results)))
     return 0
