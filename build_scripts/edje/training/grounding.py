@@ -16,6 +16,7 @@ import torch
 
 from edje import synthetic
 from edje.training.data import PairData, patch_object_mix
+from edje.world_captions import words as world_words
 
 
 def grounding_targets(
@@ -71,7 +72,7 @@ def relation_classes(
             centre.append(coords[:, where].float().mean(1))  # (y, x)
         if len(centre) != 2:
             continue
-        words = data.captions[c].split()
+        words = world_words(data.captions[c])
         for t, w in enumerate(enc.word_ids(row)[:length]):
             if w is None or words[w] not in synthetic.RELATION_POINTS:
                 continue
