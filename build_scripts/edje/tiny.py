@@ -204,18 +204,21 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from edje.checkpoint import to_research_layout
+    from edje.checkpoint import OPTIONAL_PREFIXES, to_research_layout
 
     tensors = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
     for prefix, module in {"clip": clip, **(extra or {})}.items():
         if module is not None:
             tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
-    # safetensors refuses tensors that share memory (tied MLM decoder): store copies.
-    save_file(
-        {
-            k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
-            for k, v in tensors.items()
-        },
-        str(path),
-    )
+    # Tied tensors (the MLM decoder is the word embedding table) are stored once: loading the
+    # table ties them again, and the decoder is a training-only key (checkpoint.OPTIONAL_PREFIXES).
+    stored: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for k, v in tensors.items():
+        identity = (v.data_ptr(), tuple(v.shape))
+        if identity in seen and k.startswith(OPTIONAL_PREFIXES):
+            continue
+        seen.add(identity)
+        stored[k] = v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).clone()
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
     return path

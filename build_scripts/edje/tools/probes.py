@@ -138,16 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=400, help="validation images (400)")
     args = parser.parse_args(argv)
     if args.stage1:
-        from edje.training.data import world_tokenizer
         from edje.training.first_stage import first_stage_config, new_first_stage
         from edje.training.recipe import Recipe
 
         recipe = Recipe()
-        tokenizer = world_tokenizer(recipe.text_len)
-        clip = new_first_stage(
-            first_stage_config(recipe, tokenizer.vocab_size, tokenizer.pad_token_id)
-        )
-        clip.load_state_dict(torch.load(args.stage1, weights_only=True))
+        state = torch.load(args.stage1, weights_only=True)
+        # Only the ViT is probed: the text tower's vocabulary size is read off the file.
+        vocab = state["text_model.embeddings.token_embedding.weight"].shape[0]
+        clip = new_first_stage(first_stage_config(recipe, vocab, 0))
+        clip.load_state_dict(state)
         vision, patch = clip.vision_model, recipe.patch_size
     else:
         from edje.model_source import ModelSource

@@ -70,10 +70,23 @@ def to_uint8(images: Sequence) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def world_data(split: str, seed: int, images_per_scene: int, all_templates: bool) -> PairData:
-    """A synthetic split: ``images_per_scene`` images per scene; captions are every template
-    (training) or one random caption per image (evaluation, one image per scene)."""
-    examples = list(synthetic.generate(split, seed, images_per_scene=images_per_scene, labels=True))
+def world_data(
+    split: str,
+    seed: int,
+    images_per_scene: int,
+    all_templates: bool,
+    tier: str | None = None,
+) -> PairData:
+    """A synthetic split: ``images_per_scene`` images per scene; captions are many of the
+    training phrasings (training) or one random caption per image (evaluation, one image per
+    scene, in evaluation ``tier``'s style and phrasing, :data:`edje.synthetic.TIERS`)."""
+    if tier is None:
+        examples = synthetic.generate(split, seed, images_per_scene=images_per_scene, labels=True)
+    else:
+        examples = synthetic.generate_tier(
+            split, tier, seed, images_per_scene=images_per_scene, labels=True
+        )
+    examples = list(examples)
     keys = sorted({ex.scene.key for ex in examples})
     group_of = {k: i for i, k in enumerate(keys)}
     image_group = np.array([group_of[ex.scene.key] for ex in examples])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, SiglipModel
+from transformers import BertConfig, BertTokenizerFast, SiglipModel
 
 from edje import synthetic
 from edje.configuration import MAX_TEXT_TOKENS
@@ -17,7 +17,7 @@ from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 from edje.tiny import save_checkpoint, siglip_processor
 from edje.training.adapter_init import start_adapter
 from edje.training.data import Features, world_data, world_tokenizer
-from edje.training.evaluation import evaluate, headline, pair_scorer, split_report
+from edje.training.evaluation import evaluate_tiers, headline, pair_scorer, split_report
 from edje.training.first_stage import (
     embed_images,
     embed_texts,
@@ -25,6 +25,12 @@ from edje.training.first_stage import (
     first_stage_recall,
     new_first_stage,
     train_first_stage,
+)
+from edje.training.language_prior import (
+    load_language_prior,
+    minilm_config,
+    minilm_dir,
+    minilm_tokenizer,
 )
 from edje.training.recipe import Recipe, set_seed
 from edje.training.record import write_training_record
@@ -34,18 +40,38 @@ log = logging.getLogger(__name__)
 
 
 def language_config(recipe: Recipe, vocab_size: int) -> BertConfig:
-    """MiniLM-like joint encoder config with the ORIGINAL vocabulary size."""
+    """The joint encoder's config: the packaged MiniLM's cut to ``lm_layers`` (prior
+    ``minilm``), or a MiniLM-like one of the recipe's sizes over ``vocab_size`` words."""
+    positions = MAX_TEXT_TOKENS + recipe.num_compressed_tokens
+    if recipe.language_prior == "minilm":
+        if recipe.vocabulary != "minilm":
+            raise ValueError("the MiniLM prior needs its own vocabulary (vocabulary='minilm')")
+        return minilm_config(minilm_dir(), recipe.lm_layers, recipe.lm_dropout, positions)
+    if recipe.language_prior != "none":
+        raise ValueError(
+            f"language_prior must be 'minilm' or 'none', not {recipe.language_prior!r}"
+        )
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=recipe.lm_width,
         num_hidden_layers=recipe.lm_layers,
         num_attention_heads=recipe.lm_heads,
         intermediate_size=recipe.lm_intermediate,
-        max_position_embeddings=MAX_TEXT_TOKENS + recipe.num_compressed_tokens,
+        max_position_embeddings=positions,
         hidden_act="gelu",
         hidden_dropout_prob=recipe.lm_dropout,
         attention_probs_dropout_prob=recipe.lm_dropout,
     )
+
+
+def tokenizers(recipe: Recipe) -> tuple[BertTokenizerFast, BertTokenizerFast]:
+    """The joint encoder's and the first stage's tokenizers, over ``recipe.vocabulary``."""
+    if recipe.vocabulary == "minilm":
+        path = minilm_dir()
+        return minilm_tokenizer(path, MAX_TEXT_TOKENS), minilm_tokenizer(path, recipe.text_len)
+    if recipe.vocabulary != "world":
+        raise ValueError(f"vocabulary must be 'minilm' or 'world', not {recipe.vocabulary!r}")
+    return world_tokenizer(MAX_TEXT_TOKENS), world_tokenizer(recipe.text_len)
 
 
 def build_edje(recipe: Recipe, clip: SiglipModel, lm_config: BertConfig):
@@ -110,7 +136,13 @@ def stage_one(recipe: Recipe, text_tokenizer, train, val, cache: str | Path | No
     """The first stage, trained (and saved to ``cache``) or loaded from ``cache``; returns it
     frozen, with its validation recall."""
     clip = new_first_stage(
-        first_stage_config(recipe, text_tokenizer.vocab_size, text_tokenizer.pad_token_id)
+        first_stage_config(
+            recipe,
+            len(text_tokenizer),
+            text_tokenizer.pad_token_id,
+            text_tokenizer.cls_token_id,
+            text_tokenizer.sep_token_id,
+        )
     )
     log.info(f"first stage: {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M parameters")
     if cache and Path(cache).is_file():
@@ -130,8 +162,7 @@ def train_default(
     """The embedded default, end to end: world -> first stage -> EDJE -> (save) -> test report."""
     set_seed(recipe.seed)
     t_start = time.time()
-    tokenizer = world_tokenizer(MAX_TEXT_TOKENS)
-    text_tokenizer = world_tokenizer(recipe.text_len)
+    tokenizer, text_tokenizer = tokenizers(recipe)
     train = world_data("train", recipe.seed, recipe.images_per_scene, all_templates=True)
     val = world_data("val", recipe.seed, 1, all_templates=False)
     log.info(
@@ -142,8 +173,17 @@ def train_default(
     t_stage1 = time.time() - t_start
     log.info(f"stage 1 done in {t_stage1:.0f}s: val {stage1}")
 
-    lm_config = language_config(recipe, tokenizer.vocab_size)
+    lm_config = language_config(recipe, tokenizer.vocab_size)  # <image> comes on top
     indexing, ranking, text_projection = build_edje(recipe, clip, lm_config)
+    if recipe.language_prior == "minilm":
+        copied = load_language_prior(ranking, minilm_dir())
+        if recipe.stage2.freeze_word_embeddings:
+            # The pretrained word table (and the MLM decoder tied to it) stays as published:
+            # words the world never uses keep their place beside the ones it does.
+            ranking.language_model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        log.info(
+            f"joint encoder: {copied} tensors from all-MiniLM-L6-v2 ({recipe.lm_layers} layers)"
+        )
     trained = (indexing.vision_projection, ranking, text_projection)
     count = sum(p.numel() for m in trained for p in m.parameters())
     log.info(f"EDJE: {count / 1e6:.2f}M trainable parameters")
@@ -167,17 +207,30 @@ def train_default(
         mlm_groups=tuple(synthetic.WORD_GROUPS.values()),
         phrase_classes=synthetic.phrase_classes,
     )
-    val_features = Features(indexing.vision_encoder, val, cache=True, device="cpu")
-    val_img, _ = embed_images(clip, val)
-    val_txt = embed_texts(clip.text_model, text_tokenizer, val.captions, recipe.text_len)
-    val_scores = pair_scorer(indexing, ranking, tokenizer, val.captions, val_features)
+    # Validation on every evaluation tier: seen phrasings and style, held-out phrasings,
+    # held-out rendering (only the val split's scenes; the test split stays unseen).
+    tiers = {}
+    for tier in synthetic.TIERS:
+        data = val if tier == "seen" else world_data("val", recipe.seed, 1, False, tier)
+        val_features = Features(indexing.vision_encoder, data, cache=True, device="cpu")
+        val_img, _ = embed_images(clip, data)
+        val_txt = embed_texts(clip.text_model, text_tokenizer, data.captions, recipe.text_len)
+        scores = pair_scorer(indexing, ranking, tokenizer, data.captions, val_features)
+        tiers[tier] = (val_txt, val_img, data, scores)
     curve: list[dict] = []
 
     def validate() -> dict:
         indexing.eval()
         ranking.eval()
         queries = recipe.stage2.eval_queries or None
-        scores = headline(split_report(val_txt, val_img, val, val_scores, max_queries=queries))
+        scores = {}
+        for tier, (txt, img, data, pair_scores) in tiers.items():
+            numbers = headline(split_report(txt, img, data, pair_scores, max_queries=queries))
+            if tier == "seen":
+                scores |= numbers
+            else:
+                scores[f"{tier}_first_stage_R@1"] = numbers["first_stage_R@1"]
+                scores[f"{tier}_reranked_R@1"] = numbers["reranked_R@1"]
         minutes = round((time.time() - t_start) / 60, 1)
         curve.append({"step": trainer.step, "minutes": minutes} | scores)
         return scores
@@ -206,7 +259,9 @@ def train_default(
             description,
         )
         log.info(f"wrote {out}")
-        report = evaluate(source, "test", recipe.seed)
+        tiers = evaluate_tiers(source, "test", recipe.seed)
+        # The seen tier's report, with every tier's rows (by kind) beside it.
+        report = tiers["tiers"]["seen"] | {"by_tier": tiers["summary"]}
     report["train_seconds"] = round(t_train)
     report["stage1_seconds"] = round(t_stage1)
     report["stage1_val"] = stage1

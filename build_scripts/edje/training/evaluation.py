@@ -104,9 +104,11 @@ def evaluate(
     top_k: int = 10,
     max_queries: int | None = None,
     show: int = 5,
+    tier: str = "seen",
 ) -> dict:
-    """Recall@K on a synthetic split, first stage alone vs EDJE re-ranking its top-k: the
-    report of ``edje eval``, image->text only when every caption is a query.
+    """Recall@K on a synthetic split in one evaluation ``tier`` (:data:`edje.synthetic.TIERS`),
+    first stage alone vs EDJE re-ranking its top-k: the report of ``edje eval``, image->text
+    only when every caption is a query.
 
     Everything goes through the shipped path: :class:`ModelSource` (strict loading), its image
     processor and both tokenizers. Prints a few queries that re-ranking fixes.
@@ -117,7 +119,7 @@ def evaluate(
     text_model, _ = src.build_text_model()
     tokenizer, text_tokenizer = src.tokenizer(), src.text_tokenizer()
     processor = src.image_processor()
-    examples = list(synthetic.generate(split, seed, images_per_scene=1))
+    examples = list(synthetic.generate_tier(split, tier, seed, images_per_scene=1))
     rows = np.arange(len(examples))  # one image per scene: every image is its own group
     data = PairData(rows, [ex.captions[0] for ex in examples], rows, [ex.kind for ex in examples])
     t0 = time.time()
@@ -144,3 +146,39 @@ def evaluate(
             f"    re-ranked top-1:   {ex['reranked_top1']}"
         )
     return report
+
+
+def evaluate_tiers(
+    source: str | Path | ModelSource = "build_scripts/edje/default_model",
+    split: str = "test",
+    seed: int = 0,
+    show: int = 0,
+) -> dict:
+    """:func:`evaluate` on every tier: ``{"tiers": {tier: report}, "summary": rows}``, where
+    each summary row is a tier's (or a tier's caption kind's) queries and R@1 before and
+    after re-ranking."""
+    src = source if isinstance(source, ModelSource) else ModelSource.from_dir(source)
+    tiers = {tier: evaluate(src, split, seed, show=show, tier=tier) for tier in synthetic.TIERS}
+    rows = []
+    for tier, report in tiers.items():
+        t2i = report["text_to_image"]
+        rows.append(
+            {
+                "tier": tier,
+                "kind": "all",
+                "queries": report["num_captions"],
+                "first_stage_R@1": round(t2i["first_stage"]["R@1"], 1),
+                "reranked_R@1": round(t2i["reranked"]["R@1"], 1),
+            }
+        )
+        for kind, row in report.get("text_to_image_r1_by_kind", {}).items():
+            rows.append(
+                {
+                    "tier": tier,
+                    "kind": kind,
+                    "queries": row["queries"],
+                    "first_stage_R@1": round(row["first_stage"], 1),
+                    "reranked_R@1": round(row["reranked"], 1),
+                }
+            )
+    return {"tiers": tiers, "summary": rows}

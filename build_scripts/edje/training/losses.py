@@ -253,8 +253,10 @@ def mlm_loss(
     else:
         hidden = ranking.language_model.bert(input_ids=masked, attention_mask=p.mask)
         hidden = hidden.last_hidden_state
-    logits = ranking.language_model.cls(hidden)
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    # The vocabulary projection only where a word was masked (30k outputs per position).
+    chosen = labels >= 0
+    logits = ranking.language_model.cls(hidden[chosen])
+    return F.cross_entropy(logits, labels[chosen])
 
 
 def distill_loss(p: PairPass, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ class Recipe:
     vision_heads: int = 4
     text_width: int = 128
     text_layers: int = 2
-    text_len: int = 16
+    text_len: int = 32  # the first stage's text length (wordpieces, padded)
     stage1_steps: int = 800
     stage1_batch: int = 128
     stage1_lr: float = 1e-3
@@ -39,10 +39,17 @@ class Recipe:
     # EDJE
     num_compressed_tokens: int = 16
     adapter_mlp_dim: int = 512
+    # "minilm": the joint encoder starts from the first lm_layers layers of the packaged
+    # all-MiniLM-L6-v2 (width 384, 12 heads, FFN 1536: the sizes below must be its own);
+    # "none": from scratch, at the sizes below.
+    language_prior: str = "minilm"
+    # "minilm": both towers read MiniLM's uncased WordPiece vocabulary (30,522 entries, as the
+    # published model); "world": a small WordPiece vocabulary of the world's own words.
+    vocabulary: str = "minilm"
     lm_width: int = 384
     lm_layers: int = 4
-    lm_heads: int = 6
-    lm_intermediate: int = 768
+    lm_heads: int = 12
+    lm_intermediate: int = 1536
     lm_dropout: float = 0.0
     stage2: StageTwo = field(default_factory=lambda: StageTwo())
 
@@ -84,6 +91,7 @@ class StageTwo:
     ground_heads: int = 2  # ... on the first this many heads ...
     ground_layers: int = 2  # ... of the first this many layers
     ground_relations: bool = False  # relation words too: each looks at the object it points at
+    freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400
     eval_queries: int = 0  # 0: the whole validation split

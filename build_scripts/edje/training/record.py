@@ -27,10 +27,20 @@ def write_training_record(out: Path, recipe: Recipe, report: dict) -> None:
         f"| {k} | {v['queries']} | {v['first_stage']:.1f} | {v['reranked']:.1f} |"
         for k, v in report.get("text_to_image_r1_by_kind", {}).items()
     )
-    curve = "\n".join(
-        f"| {c['step']} | {c['minutes']} | {c['first_stage_R@1']} | {c['reranked_R@1']} |"
-        for c in report["validation_curve"]
+    tiers = "\n".join(
+        f"| {r['tier']} | {r['kind']} | {r['queries']} | {r['first_stage_R@1']:.1f} | "
+        f"{r['reranked_R@1']:.1f} |"
+        for r in report.get("by_tier", [])
     )
+    held = ("held_out_phrasing", "held_out_rendering")
+
+    def curve_row(c: dict) -> str:
+        cells = [c["step"], c["minutes"], c["first_stage_R@1"], c["reranked_R@1"]]
+        for tier in held:
+            cells += [c.get(f"{tier}_first_stage_R@1", "-"), c.get(f"{tier}_reranked_R@1", "-")]
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    curve = "\n".join(curve_row(c) for c in report["validation_curve"])
     first, after = report["text_to_image"]["first_stage"], report["text_to_image"]["reranked"]
     hard = report["text_to_image_r1_hard"]
     gain = round(after["R@1"], 1) - round(first["R@1"], 1)  # of the numbers as printed
@@ -42,7 +52,7 @@ Made by `{command}` (seed {recipe.seed}) on {time.strftime("%Y-%m-%d")}, in
 stage 1 {report["stage1_seconds"]}s, then {report["stage2_steps"]} stage-2 steps. The full
 recipe and report are in `training.json`; docs/training.md explains the recipe.
 
-## Held-out test split (`python -m edje.train evaluate --source DIR`)
+## Held-out test split, seen tier (`python -m edje.train evaluate --source DIR`)
 
 Text->image R@1 over {report["num_captions"]} queries against a gallery of {report["num_images"]}
 images: first stage {first["R@1"]:.1f}, after EDJE re-ranks the top 10
@@ -54,10 +64,19 @@ images: first stage {first["R@1"]:.1f}, after EDJE re-ranks the top 10
 | --- | --- | --- | --- |
 {kinds}
 
-## Validation during training
+## Every evaluation tier, by kind
 
-| step | minutes | first stage R@1 | re-ranked R@1 |
-| --- | --- | --- | --- |
+`seen`: phrasings and drawing style as in training; `held_out_phrasing`: templates training
+never sees; `held_out_rendering`: a drawing style training never sees (blur, noise, JPEG).
+
+| tier | kind | queries | first stage R@1 | re-ranked R@1 |
+| --- | --- | --- | --- | --- |
+{tiers}
+
+## Validation during training (val split: seen, held-out phrasing, held-out rendering)
+
+| step | min | first stage | re-ranked | phrasing: first | re-ranked | render: first | re-ranked |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {curve}
 """
     )

@@ -77,7 +77,11 @@ class EDJETrainer:
             hidden = ranking.language_model.config.hidden_size
             self.rtd_head = nn.Linear(hidden, 1).to(self.device)
             self.params += list(self.rtd_head.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in self.params if p.requires_grad]  # frozen tables stay out
+        # One fused kernel for every tensor (the per-tensor loop took ~10% of a step).
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+        )
         self.step = 0
         self.started = time.time()
 
