@@ -248,6 +248,30 @@ def test_edje_losses_fall(tiny_setup):
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
+# sha256 of the uncased WordPiece vocabulary of BERT / MiniLM (bert-base-uncased's vocab.txt).
+UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+
+def test_shipped_default_tokenizes_as_the_published_model():
+    import hashlib
+    import json
+
+    from edje.model_source import ModelSource
+
+    for tower in ("language_model", "siglip"):
+        table = json.loads((DEFAULT_MODEL / tower / "tokenizer.json").read_text())["model"]
+        words = [w for w, _ in sorted(table["vocab"].items(), key=lambda item: item[1])]
+        vocab = ("\n".join(words) + "\n").encode()  # as vocab.txt, one word a line
+        assert hashlib.sha256(vocab).hexdigest() == UNCASED_VOCAB_SHA256, tower
+    source = ModelSource.from_dir(DEFAULT_MODEL)
+    tokenizer = source.tokenizer()
+    assert tokenizer.convert_tokens_to_ids("<image>") == 30522 == len(tokenizer) - 1
+    text = "A small red circle left of a violet square"
+    ids = [101, 1037, 2235, 2417, 4418, 2187, 1997, 1037, 8766, 2675, 102]  # bert-base-uncased
+    assert tokenizer(text)["input_ids"] == ids
+    assert source.text_tokenizer()(text)["input_ids"] == ids  # the first stage reads it too
+
+
 def test_shipped_default_reranking_gain():
     from edje.model_source import ModelSource
 
@@ -256,10 +280,15 @@ def test_shipped_default_reranking_gain():
     assert "python -m edje.train default" in (DEFAULT_MODEL / "TRAINING.md").read_text()
     source = ModelSource.from_dir(DEFAULT_MODEL)
     assert not source.random_weights
-    report = evaluate(source, "test", seed=0, max_queries=150, show=0)
-    first, reranked = report["text_to_image"]["first_stage"], report["text_to_image"]["reranked"]
-    assert first["R@10"] >= 90.0
-    assert reranked["R@1"] >= first["R@1"] + 10.0, report
+    # Every tier of the test split: re-ranking must gain (shipped: +17.3 seen, +7.3 held-out
+    # phrasings, +17.0 held-out rendering; TRAINING.md), the first stage must reach the answer.
+    floors = {"seen": 10.0, "held_out_phrasing": 4.0, "held_out_rendering": 10.0}
+    for tier, floor in floors.items():
+        report = evaluate(source, "test", seed=0, show=0, tier=tier)
+        first = report["text_to_image"]["first_stage"]
+        reranked = report["text_to_image"]["reranked"]
+        assert first["R@10"] >= 90.0, (tier, first)
+        assert reranked["R@1"] >= first["R@1"] + floor, (tier, first, reranked)
 
 
 def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):

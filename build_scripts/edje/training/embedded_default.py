@@ -186,7 +186,8 @@ def train_default(
         )
     trained = (indexing.vision_projection, ranking, text_projection)
     count = sum(p.numel() for m in trained for p in m.parameters())
-    log.info(f"EDJE: {count / 1e6:.2f}M trainable parameters")
+    learnt = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
+    log.info(f"EDJE: {count / 1e6:.2f}M parameters, {learnt / 1e6:.2f}M of them trained")
     features = Features(indexing.vision_encoder, train, cache=True, device="cpu")
     sample = features(range(min(512, len(train.image_group))))  # for the start-up fits
     start_adapter(recipe.stage2, indexing.vision_projection, ranking, clip, sample)
