@@ -241,9 +241,8 @@ def generate(
         scenes = rng.sample(scenes, max_scenes)
     for scene in scenes:
         for _ in range(images_per_scene):
-            image, label_map = draw_scene(
-                scene.kind, scene.objects, scene.axis, scene.counts, rng, image_size, style, labels
-            )
+            drawn = render(scene, rng, image_size, labels, style)
+            image, label_map = drawn if labels else (drawn, None)
             caps = [caption(scene, rng, phrasing) for _ in range(captions_per_image)]
             yield Example(image, scene, caps, label_map)
 

@@ -273,11 +273,9 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
     # Count groups may come in any order: an edit that only reorders them (swapping the
     # colours of two groups of equal count and shape) still describes the scene.
     groups = count_groups(text)
-    kept = [
-        (" ".join(e), at)
-        for e, at in edits
-        if not groups or count_groups(" ".join(e)) != groups or not any(g[0] for g in groups)
-    ]
+    counted = any(number for number, _, _ in groups)
+    kept = [(" ".join(e), at) for e, at in edits]
+    kept = [(e, at) for e, at in kept if not counted or count_groups(e) != groups]
     return rng.choice(kept) if kept else None
 
 

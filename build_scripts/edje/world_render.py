@@ -111,7 +111,8 @@ class _Canvas:
         image, labels = self.image, self.labels
         if self.style.supersample > 1:
             image = image.resize((self.size, self.size), Image.Resampling.BOX)
-            labels = labels and labels.resize((self.size, self.size), Image.Resampling.NEAREST)
+            if labels is not None:
+                labels = labels.resize((self.size, self.size), Image.Resampling.NEAREST)
         if self.style.camera:
             image = _camera(image, self.rng)
         return image, (np.asarray(labels) if labels is not None else None)

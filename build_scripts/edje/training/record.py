@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from edje.synthetic import TIERS
 from edje.training.recipe import Recipe
 
 
@@ -32,7 +33,7 @@ def write_training_record(out: Path, recipe: Recipe, report: dict) -> None:
         f"{r['reranked_R@1']:.1f} |"
         for r in report.get("by_tier", [])
     )
-    held = ("held_out_phrasing", "held_out_rendering")
+    held = [tier for tier in TIERS if tier != "seen"]
 
     def curve_row(c: dict) -> str:
         cells = [c["step"], c["minutes"], c["first_stage_R@1"], c["reranked_R@1"]]
