@@ -143,7 +143,15 @@ def test_edits_contradict_the_scene():
             new, changed = edited
             before, after = W.words(text), W.words(new)
             assert len(before) == len(after) and changed
-            assert [i for i in range(len(before)) if before[i] != after[i]] == sorted(changed)
+            differ = [i for i in range(len(before)) if before[i] != after[i]]
+            if differ != sorted(changed):
+                # Two noun phrases of different lengths exchanged: the same words reordered,
+                # every object word labelled, and the words between them only shifted.
+                assert sorted(before) == sorted(after), (text, new)
+                rest = [w for i, w in enumerate(after) if i not in changed]
+                assert not [w for w in rest if W._meaning(w) in (*W._MODIFIERS, *W.SHAPES)]
+                unchanged = iter(before)
+                assert all(w in unchanged for w in rest), (text, new)  # in their order
             assert not _describes(scene, new), (text, new)
             kinds_edited.add(scene.caption_kind)
     assert kinds_edited == {"plain", "relation", "attribute_swap", "count"}
@@ -154,6 +162,19 @@ def test_edits_contradict_the_scene():
     for _ in range(50):
         new, _ = synthetic.edit_caption("two red circles and two blue circles", rng)
         assert not _describes(same, new), new
+
+
+def test_relation_edits_are_a_third_of_a_pair_captions_edits():
+    rng = random.Random(0)
+    text = "a small circle that is red left of a large blue square"
+    edits = [synthetic.edit_caption(text, rng) for _ in range(600)]
+    swapped = "a large blue square left of a small circle that is red"
+    assert sum(new == swapped for new, _ in edits) > 40  # the phrase exchange is drawn
+    relation = sum(W.words(new).count("left") == 0 or new == swapped for new, _ in edits)
+    assert 150 < relation < 250  # the relation family: a third of the draws
+    new, changed = next(e for e in edits if e[0] == swapped)
+    both = "a large blue square a small circle that is red"
+    assert [W.words(new)[i] for i in changed] == W.words(both)
 
 
 def test_synonyms_are_never_an_edit():

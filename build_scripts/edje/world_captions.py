@@ -244,17 +244,56 @@ def count_groups(text: str) -> list[tuple[str, str, str]]:
     return sorted(groups)
 
 
+def _phrase_spans(ws: Sequence[str]) -> list[tuple[int, int]]:
+    """Per noun phrase, its ``[start, end)`` word span with the article ("a small red circle",
+    "an orange square that is large")."""
+    spans = []
+    for at, _, _ in _objects(ws):
+        start = at[0] - 1 if at[0] > 0 and ws[at[0] - 1] in ("a", "an") else at[0]
+        spans.append((start, at[-1] + 1))
+    return spans
+
+
+def _swap_phrases(ws: list[str]) -> tuple[list[str], list[int]] | None:
+    """A two-object caption with its two noun phrases exchanged ("a red circle left of a blue
+    square" -> "a blue square left of a red circle"): the position-swapped scene, the relation
+    confuser. The changed words are the exchanged phrases' words that now differ (all of their
+    words when the two phrases differ in length)."""
+    spans = _phrase_spans(ws)
+    if len(spans) != 2:
+        return None
+    (a0, a1), (b0, b1) = spans
+    a, b = ws[a0:a1], ws[b0:b1]
+    out = ws[:a0] + b + ws[a1:b0] + a + ws[b1:]
+    if len(a) == len(b):
+        changed = [i for i in range(len(ws)) if out[i] != ws[i]]
+    else:
+        changed = [*range(a0, a0 + len(b)), *range(b0 + len(b) - len(a), b1)]
+    return (out, changed) if changed and out != ws else None
+
+
 def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
     """A minimal edit of a world caption that no longer describes its scene, or ``None``.
 
-    One of: swap two words of one kind that differ in meaning (colours, shapes, sizes or
-    counts: a binding error), replace one such word by another of another meaning, or flip a
-    relation word (left/right, above/below, top/bottom). Returns the edited caption (words
-    joined by spaces, which the tokenizer reads as the original spacing) and the indices of
-    the changed words, so training can label exactly which words the image contradicts.
+    Three families of edit, drawn evenly (then one edit uniformly within the family), so that
+    relations are edited as often as bindings in a two-object caption:
+
+    * ``binding``: swap two words of one kind that differ in meaning (colours, shapes, sizes or
+      counts);
+    * ``replace``: one such word by another of another meaning;
+    * ``relation``: flip a relation word (left/right, above/below, top/bottom), or exchange the
+      two objects' phrases.
+
+    Returns the edited caption (words joined by spaces, which the tokenizer reads as the
+    original spacing) and the indices of its changed words, so training can label exactly
+    which words the image contradicts.
     """
     ws = words(text)
-    edits: list[tuple[list[str], list[int]]] = []
+    families: dict[str, list[tuple[list[str], list[int]]]] = {
+        "binding": [],
+        "replace": [],
+        "relation": [],
+    }
     for category in _EDIT_CATEGORIES:
         at = [i for i, w in enumerate(ws) if _meaning(w) in category]
         for i in at:
@@ -262,21 +301,28 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
                 if i < j and _meaning(ws[i]) != _meaning(ws[j]):
                     swapped = list(ws)
                     swapped[i], swapped[j] = ws[j], ws[i]
-                    edits.append((swapped, [i, j]))
+                    families["binding"].append((swapped, [i, j]))
             other = rng.choice([w for w in category if w != _meaning(ws[i])])
-            edits.append((ws[:i] + [_say(other, rng)] + ws[i + 1 :], [i]))
+            families["replace"].append((ws[:i] + [_say(other, rng)] + ws[i + 1 :], [i]))
     for i, w in enumerate(ws):
         if w in _FLIPS:
-            edits.append((ws[:i] + [_FLIPS[w]] + ws[i + 1 :], [i]))
+            families["relation"].append((ws[:i] + [_FLIPS[w]] + ws[i + 1 :], [i]))
         elif w in ("top", "bottom") and i > 0 and ws[i - 1] == "the":
-            edits.append((ws[:i] + ["bottom" if w == "top" else "top"] + ws[i + 1 :], [i]))
-    # Count groups may come in any order: an edit that only reorders them (swapping the
-    # colours of two groups of equal count and shape) still describes the scene.
+            flipped = ws[:i] + ["bottom" if w == "top" else "top"] + ws[i + 1 :]
+            families["relation"].append((flipped, [i]))
     groups = count_groups(text)
     counted = any(number for number, _, _ in groups)
-    kept = [(" ".join(e), at) for e, at in edits]
-    kept = [(e, at) for e, at in kept if not counted or count_groups(e) != groups]
-    return rng.choice(kept) if kept else None
+    if not counted and (swap := _swap_phrases(ws)) is not None:
+        families["relation"].append(swap)
+    # Count groups may come in any order: an edit that only reorders them (swapping the
+    # colours of two groups of equal count and shape) still describes the scene.
+    joined = {name: [(" ".join(e), at) for e, at in edits] for name, edits in families.items()}
+    kept = {
+        name: [(e, at) for e, at in edits if not counted or count_groups(e) != groups]
+        for name, edits in joined.items()
+    }
+    nonempty = [name for name in families if kept[name]]
+    return rng.choice(kept[rng.choice(nonempty)]) if nonempty else None
 
 
 def phrase_objects(text: str) -> list[tuple[str, str] | None]:
