@@ -76,13 +76,11 @@ class NegativeSampler:
             if self.data.caption_group[c] != group:
                 return c
 
-    def _wrong_image(self, c: int, g: int, mined: Iterator[int], p: float) -> int:
+    def _wrong_image(self, c: int, g: int, mined: Iterator[int], p: float, twin: float) -> int:
         """A wrong image for caption ``c`` (group ``g``): a binding twin with probability
-        ``twin_share`` (scaled like the hard share), else mined with probability ``p``, else
-        random."""
+        ``twin``, else mined with probability ``p``, else random."""
         twins = self.data.twins_of.get(g)
-        share = self.cfg.twin_share * p / max(self.cfg.max_hard_share, 1e-9)
-        if twins is not None and self.rng.random() < share:
+        if twins is not None and self.rng.random() < twin:
             return int(self.rng.choice(twins))
         if self.rng.random() < p:
             return int(self.hard_images[c, next(mined)])
@@ -96,13 +94,14 @@ class NegativeSampler:
         cfg, data, rng = self.cfg, self.data, self.rng
         b, n = cfg.batch_size, cfg.image_negatives
         p, k = schedule.hard_share(cfg, progress), self.hard_k(progress)
+        twin = schedule.twin_share(cfg, progress)
         cap = rng.integers(len(data.captions), size=b)
         groups = data.caption_group[cap]
         img = np.array([rng.choice(data.images_of[int(g)]) for g in groups])
         neg_img, rand_img, neg_cap = [], [], []
         for c, i, g in zip(cap, img, groups, strict=True):
             mined = iter(rng.permutation(k) if k >= n else rng.integers(k, size=n))
-            neg_img.append([self._wrong_image(c, int(g), mined, p) for _ in range(n)])
+            neg_img.append([self._wrong_image(c, int(g), mined, p, twin) for _ in range(n)])
             if self.editor is None:
                 rand_img.append(self._random_image(g))
             neg_cap.append(

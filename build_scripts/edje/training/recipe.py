@@ -84,8 +84,10 @@ class StageTwo:
     image_negatives: int = 1  # wrong images per positive caption (mined or random)
     # Share of those drawn from the caption's binding twins (synthetic world: its scene with
     # colours swapped, the relation flipped or counts swapped), the re-ranker's hardest case;
-    # it rises with the hard share.
-    twin_share: float = 0.0
+    # 0 before progress ``twin_from`` (from the start they stall early learning), then rising
+    # with the hard share.
+    twin_share: float = 0.3
+    twin_from: float = 0.45
     image_token_scale: float = 2.0  # > 0: start image tokens this many times the word std
     ground_weight: float = 1.0  # grounding loss on attention (synthetic world; 0: off)
     ground_heads: int = 2  # ... on the first this many heads ...

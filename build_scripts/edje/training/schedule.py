@@ -34,6 +34,14 @@ def hard_share(cfg: StageTwo, progress: float) -> float:
     return share * cfg.max_hard_share
 
 
+def twin_share(cfg: StageTwo, progress: float) -> float:
+    """Share of wrong images drawn from the caption's binding twins: 0 before ``twin_from``,
+    then ``twin_share`` scaled like the hard share (it rises with it)."""
+    if progress < cfg.twin_from:
+        return 0.0
+    return cfg.twin_share * hard_share(cfg, progress) / max(cfg.max_hard_share, 1e-9)
+
+
 def hard_k(cfg: StageTwo, progress: float, mined: int) -> int:
     """How deep in the first stage's ranking hard negatives are drawn (shrinks in training);
     at most ``mined``, the depth that was mined."""
