@@ -140,3 +140,15 @@ def test_the_builder_serves_the_fused_ranker(
     layers, per_layer = _layers(tiny_models), {"SkipLayerNormalization": 2}
     for op, present in expected.items():
         assert counts[op] == present * layers * per_layer.get(op, 1), op
+
+
+def test_int8_scores_depend_on_the_batch_fp32_scores_do_not(graphs, tiny_source):
+    # What section 2 of `make bench` reports: dynamic int8 takes one activation scale per
+    # batch, so a pair's score moves with its neighbours; fp32's does not (beyond rounding).
+    from edje.tools.bench_ranker import batch_dependence, ort_session
+
+    lists = [pair_feeds(tiny_source.tokenizer(), 8, 6, seed) for seed in range(3)]
+    fp32 = batch_dependence(ort_session(graphs["fused"], 1), lists)
+    int8 = batch_dependence(ort_session(graphs["int8"], 1), lists)
+    assert fp32["lists"] == int8["lists"] == 3
+    assert fp32["max"] < 1e-4 < int8["max"]

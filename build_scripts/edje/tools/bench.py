@@ -10,9 +10,8 @@ round by round, because this machine is shared and noisy. Sections:
    fp32 over real re-rank lists (:mod:`edje.tools.bench_ranker`).
 3. **EDJE vs an online-ViT joint scorer** (BLIP-style: the ViT runs for every pair) at the real
    sizes (SigLIP2-L/16 at 384 px + MiniLM-L12): ratio of pairs/s.
-4. **Served:** Triton ``edje_rank`` (embedded server) against raw ONNX Runtime on the same
-   graph at equal batch (serving overhead); a K x concurrency grid over gRPC and HTTP with
-   p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
+4. **Served:** Triton ``edje_rank`` (embedded server), a K x concurrency grid over gRPC and
+   HTTP with p50/p95/p99 latency; ``edje_rank_by_id`` against token passing (bytes on the wire, pairs/s).
 5. **Bytes and images:** bytes per pair on the wire, storage per image, indexing images/s.
 6. **Collections:** the token bank's random gather against an in-RAM numpy gather and Lance's
    ``take`` (:mod:`edje.tools.bench_collections`); then the HTTP API over direct gRPC
@@ -44,7 +43,6 @@ import torch
 from PIL import Image
 
 from edje.configuration import (
-    MAX_TEXT_TOKENS,
     published_language_config,
     published_vision_config,
 )
@@ -68,7 +66,7 @@ from edje.tools.bench_serving import markdown_lines as serving_lines
 
 log = logging.getLogger("edje.tools.bench")
 
-K_SERVED = 64  # candidates per request where the serving overhead is measured
+K_SERVED = 64  # candidates per request where rank-by-id meets token passing
 
 
 def section_online_vit(rounds: int) -> dict:
@@ -188,9 +186,7 @@ def by_id_request(k: int, rows: int, text: bytes = b"a red circle left of a blue
 
 
 def section_served(source, work: Path, seconds: float, ks, concurrencies) -> dict:
-    """Triton vs raw ORT at equal batch; the K x concurrency grid; rank-by-id vs tokens."""
-    import onnxruntime as ort
-
+    """The K x concurrency grid over gRPC and HTTP; rank-by-id vs tokens."""
     from edje.build_repo import RepoSettings, build_repository
     from edje_client.collection import ImageCollection
     from edje_client.server import TritonServer
@@ -208,40 +204,10 @@ def section_served(source, work: Path, seconds: float, ks, concurrencies) -> dic
             emb / np.linalg.norm(emb, axis=1, keepdims=True),
         )
     repo = build_repository(source, work / "repo", RepoSettings(token_bank=str(store.path)))
-    session = ort.InferenceSession(str(repo / "edje_ranker" / "1" / "model.onnx"))
-    tok = source.tokenizer()
     result: dict = {"model": source.description, "grid": []}
     with TritonServer(
         repo, http_port=0, grpc_port=0, metrics_port=0, log_file=work / "tritonserver.log"
     ) as server:
-        # Serving overhead at equal batch: one client, K=64 pairs per request, vs raw ORT on
-        # the same graph with the same (trimmed) pair layout the server computes.
-        k = K_SERVED
-        enc = tok(
-            ["a red circle left of a blue square"] * k,
-            ["<image>" * q] * k,
-            truncation="only_first",
-            max_length=MAX_TEXT_TOKENS + q,
-            padding="longest",
-            return_tensors="np",
-        )
-        feeds = {
-            n: enc[n].astype(np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")
-        }
-        feeds["compressed_tokens"] = rng.standard_normal((k, q, d)).astype(np.float16)
-        raw = {"requests_per_s": 0.0}
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            session.run(None, feeds)
-            n += 1
-        raw["requests_per_s"] = n / (time.perf_counter() - start)
-        served = _load(server.grpc_url, "grpc", rank_request(k, q, d), 1, seconds)
-        result["overhead"] = {
-            "k": k,
-            "raw_ort_pairs_per_s": raw["requests_per_s"] * k,
-            "triton_grpc_pairs_per_s": served["requests_per_s"] * k,
-            "triton_over_raw": served["requests_per_s"] / raw["requests_per_s"],
-        }
         for protocol in ("grpc", "http"):
             for k in ks:
                 for c in concurrencies:
@@ -347,9 +313,6 @@ def markdown(results: dict, command: str) -> str:
         "",
         "| What | Measured | Target | Status |",
         "| --- | --- | --- | --- |",
-        f"| Triton-served / raw ONNX Runtime, equal batch (K={s['overhead']['k']}) | "
-        f"{s['overhead']['triton_over_raw']:.2f}x | >= 0.9x | "
-        f"{'met' if s['overhead']['triton_over_raw'] >= 0.9 else 'short'} |",
         *headline_rows(r, a),
         f"| EDJE / online-ViT joint scorer (real sizes) | {v['edje_over_online_vit']:.0f}x | >= 20x | "
         f"{'met' if v['edje_over_online_vit'] >= 20 else 'short'} |",
@@ -370,9 +333,7 @@ def markdown(results: dict, command: str) -> str:
         "",
         "## 4. Served by Triton (embedded server, python runtime, default model)",
         "",
-        f"Model: {s['model']}. Raw ONNX Runtime at batch {s['overhead']['k']}: "
-        f"{s['overhead']['raw_ort_pairs_per_s']:.0f} pairs/s; Triton gRPC, one client, K="
-        f"{s['overhead']['k']}: {s['overhead']['triton_grpc_pairs_per_s']:.0f} pairs/s.",
+        f"Model: {s['model']}. Served / raw ONNX Runtime at the served thread count: section 7.",
         "",
         "| Protocol | K | Clients | pairs/s | p50 ms | p95 ms | p99 ms | shed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
