@@ -333,7 +333,7 @@ def markdown(results: dict, command: str) -> str:
         "",
         "## 4. Served by Triton (embedded server, python runtime, default model)",
         "",
-        f"Model: {s['model']}. Served / raw ONNX Runtime at the served thread count: section 7.",
+        f"Model: {s['model']}. Served / raw ONNX Runtime at the served session options: section 8.",
         "",
         "| Protocol | K | Clients | pairs/s | p50 ms | p95 ms | p99 ms | shed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
