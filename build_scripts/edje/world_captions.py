@@ -269,7 +269,7 @@ def _swap_phrases(ws: list[str]) -> tuple[list[str], list[int]] | None:
         changed = [i for i in range(len(ws)) if out[i] != ws[i]]
     else:
         changed = [*range(a0, a0 + len(b)), *range(b0 + len(b) - len(a), b1)]
-    return (out, changed) if changed and out != ws else None
+    return (out, changed) if out != ws else None
 
 
 def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
@@ -316,13 +316,16 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
         families["relation"].append(swap)
     # Count groups may come in any order: an edit that only reorders them (swapping the
     # colours of two groups of equal count and shape) still describes the scene.
-    joined = {name: [(" ".join(e), at) for e, at in edits] for name, edits in families.items()}
-    kept = {
-        name: [(e, at) for e, at in edits if not counted or count_groups(e) != groups]
-        for name, edits in joined.items()
-    }
-    nonempty = [name for name in families if kept[name]]
-    return rng.choice(kept[rng.choice(nonempty)]) if nonempty else None
+    kept = [
+        [
+            (e, at)
+            for e, at in ((" ".join(w), at) for w, at in edits)
+            if not counted or count_groups(e) != groups
+        ]
+        for edits in families.values()
+    ]
+    nonempty = [k for k in kept if k]
+    return rng.choice(rng.choice(nonempty)) if nonempty else None
 
 
 def phrase_objects(text: str) -> list[tuple[str, str] | None]:
