@@ -236,6 +236,13 @@ def test_twin_negatives_are_binding_twins(tiny_setup):
             assert set(negs.tolist()) <= set(data.twins_of[g].tolist())
 
 
+def test_relation_grounding_starts_at_its_progress():
+    cfg = StageTwo(ground_relations=True, ground_relations_from=0.45)
+    assert not schedule.grounds_relations(cfg, 0.44)
+    assert schedule.grounds_relations(cfg, 0.45)
+    assert not schedule.grounds_relations(StageTwo(ground_relations=False), 1.0)
+
+
 def test_edje_losses_fall(tiny_setup):
     trainer = _trainer(tiny_setup, steps=30)
     batch = trainer.sample()

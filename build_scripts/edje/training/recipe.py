@@ -93,6 +93,7 @@ class StageTwo:
     ground_heads: int = 2  # ... on the first this many heads ...
     ground_layers: int = 2  # ... of the first this many layers
     ground_relations: bool = False  # relation words too: each looks at the object it points at
+    ground_relations_from: float = 0.0  # ... from this progress on (from the start they slow it)
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400

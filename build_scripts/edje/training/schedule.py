@@ -42,6 +42,12 @@ def twin_share(cfg: StageTwo, progress: float) -> float:
     return cfg.twin_share * hard_share(cfg, progress) / max(cfg.max_hard_share, 1e-9)
 
 
+def grounds_relations(cfg: StageTwo, progress: float) -> bool:
+    """Whether relation words are grounded now: with ``ground_relations``, from
+    ``ground_relations_from`` on."""
+    return cfg.ground_relations and progress >= cfg.ground_relations_from
+
+
 def hard_k(cfg: StageTwo, progress: float, mined: int) -> int:
     """How deep in the first stage's ranking hard negatives are drawn (shrinks in training);
     at most ``mined``, the depth that was mined."""

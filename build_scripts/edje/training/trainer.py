@@ -118,7 +118,7 @@ class EDJETrainer:
                 pairs.mask.shape[1],
                 q,
                 self.phrase_classes,
-                cfg.ground_relations,
+                schedule.grounds_relations(cfg, self.progress()),
             )
             out["ground"] = L.grounding_loss(
                 pairs, target, valid, cfg.ground_heads, cfg.ground_layers
