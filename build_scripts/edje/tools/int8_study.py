@@ -1,0 +1,194 @@
+"""Why int8 moves the default's rankings: a fake-quantisation study in PyTorch.
+
+ONNX Runtime's dynamic int8 (``--quantize-ranker int8``) quantises each projection's weights per
+output channel and its input activations with one scale per batch. This study simulates that
+scheme and the alternatives ORT's CPU kernels do not offer, on the joint encoder's projections
+(Q, K, V, attention output, FFN up and down), and reports each one's agreement with fp32 over
+the real re-rank lists of ``make bench`` section 2:
+
+* ``weights_only``: int8 weights, fp32 activations (the weights' share of the error);
+* ``per_tensor``: uint8 activations, one asymmetric scale per batch (ORT's scheme);
+* ``per_token``: one asymmetric scale per position (as LLM int8 kernels do);
+* ``smooth_A_per_tensor`` / ``smooth_A_per_token``: SmoothQuant scale migration with strength A
+  (activation channel j divided by ``s_j = max|X_j|^A / max|W_j|^(1-A)``, weight row j multiplied
+  by it; exact in fp32), ``max|X_j|`` calibrated on validation lists.
+
+``python -m edje.tools.int8_study`` runs it on the shipped default (about 4 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edje.tools.bench_ranker import agreement, rerank_lists
+
+MODES = ("none", "per_tensor", "per_token")
+
+
+def projections(ranking: nn.Module) -> dict[str, nn.Linear]:
+    """The joint encoder's projections (every ``nn.Linear`` of its layers)."""
+    return {
+        name: m
+        for name, m in ranking.language_model.named_modules()
+        if isinstance(m, nn.Linear) and ".layer." in name
+    }
+
+
+def quantise_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8, one scale per output channel (rows of ``nn.Linear.weight``)."""
+    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
+def quantise_activation(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Asymmetric uint8 (range widened to hold 0, as ``DynamicQuantizeLinear``): one scale
+    over the whole tensor (``per_tensor``) or per position (``per_token``); ``none``: ``x``."""
+    if mode == "none":
+        return x
+    if mode == "per_tensor":
+        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    elif mode == "per_token":
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+    else:
+        raise ValueError(f"unknown activation mode {mode!r}; expected one of {MODES}")
+    scale = (hi - lo).clamp_min(1e-12) / 255
+    zero = (-lo / scale).round()
+    return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
+
+
+@contextlib.contextmanager
+def fake_int8(
+    ranking: nn.Module,
+    mode: str,
+    weights: bool = True,
+    smooth: dict[str, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Within the block, every projection of ``ranking`` divides its input by ``smooth[name]``
+    (per input channel; weights multiplied to match), quantises it (``mode``) and uses int8
+    ``weights``. The model is restored on exit."""
+    layers = projections(ranking)
+    saved = {name: m.weight.data.clone() for name, m in layers.items()}
+    hooks = []
+    try:
+        for name, m in layers.items():
+            s = None if smooth is None else smooth[name]
+            w = saved[name] if s is None else saved[name] * s
+            m.weight.data = quantise_weight(w) if weights else w
+
+            def pre(_mod, inputs, s=s):
+                x = inputs[0] if s is None else inputs[0] / s
+                return (quantise_activation(x, mode),)
+
+            hooks.append(m.register_forward_pre_hook(pre))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, m in layers.items():
+            m.weight.data = saved[name]
+
+
+def scores(ranking: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The ranker's logits [B, 1] for one re-rank list of ranker feeds."""
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    t["compressed_tokens"] = t["compressed_tokens"].float()
+    with torch.no_grad():
+        return ranking.score_pairs(**t).float().numpy()[:, None]
+
+
+def activation_absmax(ranking: nn.Module, lists: list[dict]) -> dict[str, torch.Tensor]:
+    """Per projection, the largest |input| of each input channel over ``lists``."""
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in projections(ranking).items():
+
+        def pre(_mod, inputs, name=name):
+            a = inputs[0].detach().abs().flatten(0, -2).amax(0)
+            found[name] = torch.maximum(found[name], a) if name in found else a
+
+        hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        for feeds in lists:
+            scores(ranking, feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def smoothing(
+    ranking: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant's per-input-channel factors ``max|X_j|^alpha / max|W_j|^(1-alpha)``."""
+    out = {}
+    for name, m in projections(ranking).items():
+        w = m.weight.detach().abs().amax(0).clamp_min(1e-5)
+        out[name] = absmax[name].clamp_min(1e-5) ** alpha / w ** (1 - alpha)
+    return out
+
+
+def study(
+    ranking: nn.Module, lists: list[dict], calibration: list[dict], alphas: Sequence[float]
+) -> dict[str, dict]:
+    """Agreement with fp32 of each simulated scheme over ``lists``."""
+    reference = [scores(ranking, f) for f in lists]
+
+    def against(run: Callable[[dict], np.ndarray]) -> dict:
+        ref = iter(reference)
+        return agreement(lambda _f: next(ref), run, lists)
+
+    def scored() -> dict:
+        return against(lambda f: scores(ranking, f))
+
+    report = {}
+    with fake_int8(ranking, "none"):
+        report["weights_only"] = scored()
+    for mode in MODES[1:]:
+        with fake_int8(ranking, mode):
+            report[mode] = scored()
+    absmax = activation_absmax(ranking, calibration)
+    for alpha in alphas:
+        factors = smoothing(ranking, absmax, alpha)
+        for mode in MODES[1:]:
+            with fake_int8(ranking, mode, smooth=factors):
+                report[f"smooth_{alpha}_{mode}"] = scored()
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m edje.tools.int8_study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--source", help="a model source directory (default: the shipped default)")
+    p.add_argument("--work", default="build/int8_study", help="where the default is unpacked")
+    p.add_argument("--alphas", default="0.5,0.8", help="SmoothQuant strengths (0.5,0.8)")
+    p.add_argument("--lists", type=int, default=0, help="test lists (0: all)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # as make bench section 2 (ORT, 1 thread): same arithmetic order
+    from edje.build_repo import default_source
+    from edje.model_source import ModelSource
+
+    source = ModelSource.from_dir(args.source) if args.source else default_source(Path(args.work))
+    ranking, _ = source.build_ranking_model()
+    lists = rerank_lists(source, "test")
+    lists = lists[: args.lists] if args.lists else lists
+    calibration = rerank_lists(source, "val")[:100:2]  # as section 2's static QDQ variant
+    alphas = [float(a) for a in args.alphas.split(",") if a]
+    report = study(ranking.eval(), lists, calibration, alphas)
+    print(json.dumps({"model": source.description, "lists": len(lists), **report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
