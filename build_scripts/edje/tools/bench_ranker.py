@@ -479,13 +479,12 @@ def section_int8_agreement(source, work: Path, variants: bool = False) -> dict:
         tokens = (quantised * scales[..., None]).astype(np.float16)
         return reference.run(None, {**feeds, "compressed_tokens": tokens})[0]
 
+    int8 = ort_session(graphs["ort_int8"])
     return {
         **results.pop("ort_int8"),
-        "batch_dependence": batch_dependence(ort_session(graphs["ort_int8"]), real[:60]),
+        "batch_dependence": batch_dependence(int8, real[:60]),
         "batch_dependence_fp32": batch_dependence(reference, real[:60]),
-        "alone": agreement(
-            run(reference), one_pair_at_a_time(ort_session(graphs["ort_int8"])), real
-        ),
+        "alone": agreement(run(reference), one_pair_at_a_time(int8), real),
         "fp32_top2_gap": top2_gap(run(reference), real),
         "int8_store": agreement(run(reference), stored_int8, real),
         "variants": results,
