@@ -3,13 +3,16 @@ tests/test_world.py)."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from edje import synthetic
+from edje.training import losses as L
 from edje.training import schedule
 from edje.training.adapter_init import init_adapter_spatial
 from edje.training.data import (
@@ -129,6 +132,7 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
         image_negatives=2,
         ground_weight=1.0 if world_signals else 0.0,
         ground_relations=world_signals,
+        where_weight=1.0 if world_signals else 0.0,
     )
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
@@ -182,6 +186,27 @@ def test_joint_encoder_probe_reports_own_and_other_image(tiny_source):
     for row in report.values():
         assert row["captions"] > 0
         assert 0.0 <= row["own_image"] <= 1.0 and 0.0 <= row["other_image"] <= 1.0
+
+
+def test_where_probe_targets_follow_the_label_map(tiny_source):
+    from edje.tools.probes import object_halves, where_probe
+
+    scene = synthetic.Scene("pair", (("red", "circle", "small"), ("blue", "square", "large")), "h")
+    image, labels = synthetic.render(scene, random.Random(0), labels=True)
+    mirrored = np.ascontiguousarray(labels[:, ::-1])  # the circle now on the right
+    caption = "a small red circle left of a large blue square"
+    examples = [
+        synthetic.Example(image, scene, [caption], labels),
+        synthetic.Example(image, scene, [caption], mirrored),
+    ]
+    enc, rows, cols, half = object_halves(examples, tiny_source.tokenizer())
+    named = {(r, enc.word_ids(r)[c]): h for r, c, h in zip(rows, cols, half, strict=True)}
+    # "small red circle" (words 1-3) and "large blue square" (words 7-9), in both rows.
+    assert {w for _, w in named} == {1, 2, 3, 7, 8, 9}
+    for (row, w), h in named.items():
+        assert h == int((w > 3) != (row == 1)), (row, w, h)
+    report = where_probe(tiny_source, images=12)
+    assert report["words"] > 0 and 0.0 <= report["own_image"] <= 1.0
 
 
 def test_mlm_masks_one_whole_word_group_per_caption(tiny_setup):
@@ -243,6 +268,28 @@ def test_relation_grounding_starts_at_its_progress():
     assert not schedule.grounds_relations(StageTwo(ground_relations=False), 1.0)
 
 
+def test_where_loss_reads_the_centre_of_the_grounding_target():
+    # A 2 x 2 grid: cell 1 is the top right, cell 2 the bottom left (x, y in [-1, 1]).
+    torch.testing.assert_close(
+        L.cell_centres(4), torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
+    )
+    target = torch.zeros(1, 3, 4)
+    target[0, 0, 1] = 1.0  # word 0's object fills cell 1
+    target[0, 1, 1] = target[0, 1, 2] = 0.5  # word 1's object straddles cells 1 and 2
+    valid = torch.tensor([[True, True, False]])
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():  # the head copies its input: a word whose state is the centre
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    hidden = torch.tensor([[[0.5, -0.5], [0.0, 0.0], [9.0, 9.0]]])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    p = SimpleNamespace(mask=mask, hidden=hidden)
+    with torch.no_grad():
+        assert float(L.where_loss(p, head, target, valid)) == 0.0  # word 2 is not valid
+        hidden[0, 0] = torch.tensor([-0.5, -0.5])  # one cell off in x: error 1
+        assert float(L.where_loss(p, head, target, valid)) == pytest.approx(0.5)
+
+
 def test_edje_losses_fall(tiny_setup):
     trainer = _trainer(tiny_setup, steps=30)
     batch = trainer.sample()
@@ -254,6 +301,7 @@ def test_edje_losses_fall(tiny_setup):
     history = trainer.fit()
     first, last = history[:5], history[-5:]
     keys = (("loss", 0.9), ("mlm", 0.9), ("itc", 0.95), ("rtd", 0.9), ("ground", 0.9))
+    keys += (("where", 0.9),)
     for key, factor in keys:
         before, after = np.mean([h[key] for h in first]), np.mean([h[key] for h in last])
         assert after < factor * before, (key, before, after)

@@ -18,7 +18,10 @@ With ``--source``, a second probe asks whether the *joint encoder* uses the imag
 of one kind (all colours, all shapes, ...) of a validation caption is masked and predicted
 through the MLM head, once with the caption's own image and once with another scene's. With
 no masked word left to eliminate from, only the image can tell "a small [MASK] circle left of
-a large [MASK] square"; an encoder that ignores its image scores the same on both.
+a large [MASK] square"; an encoder that ignores its image scores the same on both. A third
+probe (``where``) reads, from the last hidden state of each word that names an object in a
+two-object caption, which half of the image (along the pair's axis) that object is in, again
+with the own image and another's: relations can only be checked if words carry this.
 """
 
 from __future__ import annotations
@@ -126,6 +129,48 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
     return report
 
 
+def object_halves(examples: Sequence, tokenizer) -> tuple[dict, list[int], list[int], list[int]]:
+    """Tokenize each pair example's first caption; per token of a word that names an object,
+    ``(row, column, half)``: 0 if that object's centre is in the left (top, for a vertical
+    pair) half of its label map, else 1. Returns ``(encoding, rows, columns, halves)``."""
+    captions = [e.captions[0] for e in examples]
+    enc = tokenizer(captions, padding=True, return_tensors="pt")
+    rows, cols, half = [], [], []
+    for row, (e, caption) in enumerate(zip(examples, captions, strict=True)):
+        per_word = synthetic.phrase_classes(caption)
+        coord = np.indices(e.labels.shape)[0 if e.scene.axis == "v" else 1]  # y or x
+        for t, w in enumerate(enc.word_ids(row)):
+            where = e.labels == (per_word[w] if w is not None else 0)
+            if w is not None and per_word[w] and where.any():
+                rows.append(row)
+                cols.append(t)
+                half.append(int(coord[where].mean() >= e.labels.shape[0] / 2))
+    return enc, rows, cols, half
+
+
+def where_probe(source, images: int = 400, seed: int = 0) -> dict[str, float]:
+    """Object half (along the pair's axis) from its words' last hidden states (module doc)."""
+    indexing, _ = source.build_indexing_model()
+    ranking, _ = source.build_ranking_model()
+    processor = source.image_processor()
+    examples = [
+        e
+        for e in synthetic.generate("val", seed, images_per_scene=1, labels=True)
+        if e.scene.kind == "pair"
+    ][:images]
+    pixels = processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
+    enc, rows, cols, half = object_halves(examples, source.tokenizer())
+    report: dict[str, float] = {"words": len(rows)}
+    with torch.no_grad():
+        tokens = indexing.eval().encode(pixels).compressed_tokens.float()
+    for label, image in (("own_image", tokens), ("other_image", torch.roll(tokens, 1, 0))):
+        with torch.no_grad():
+            out = ranking.eval().pair_hidden_states(image, enc["input_ids"], enc["attention_mask"])
+        words = out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
+        report[label] = round(probe_accuracy(words, torch.tensor(half)), 3)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edje.tools.probes",
@@ -159,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {"vit": feature_probes(features, labels, patch)}
     if args.source:
         report["joint_encoder"] = joint_encoder_probes(source)
+        report["where"] = where_probe(source)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -9,7 +9,8 @@ image); ``n+1`` (c minimally edited, i) or, without an editor, (c, a random imag
 * word-level contradiction (synthetic world): a training-only head marks which words of the
   edited caption the image contradicts;
 * grounding (synthetic world): attention of the first heads of the first layers from each
-  word of a noun phrase to the image cells that hold its object (:mod:`.grounding`);
+  word of a noun phrase to the image cells that hold its object (:mod:`.grounding`), and
+  optionally a training-only head that reads the object's position off each such word;
 * ITC: the joint encoder's text-only ``[CLS]`` through ``text_projection`` regressed (cosine)
   onto the first stage's text embedding;
 * MLM on the captions through ``language_model.cls``, conditioned on the image; on the world,
@@ -19,6 +20,7 @@ image); ``n+1`` (c minimally edited, i) or, without an editor, (c, a random imag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,6 +182,27 @@ def grounding_loss(
         ce = -(target[:, None] * torch.log(att + 1e-9)).sum(-1)  # [B, H, L]
         loss.append(ce.permute(0, 2, 1)[valid].mean())
     return torch.stack(loss).mean()
+
+
+def cell_centres(q: int) -> torch.Tensor:
+    """``[Q, 2]`` (x, y) centres of a square grid of ``q`` image cells, in [-1, 1], row-major."""
+    side = math.isqrt(q)
+    axis = (torch.arange(side, dtype=torch.float) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], dim=1)
+
+
+def where_loss(
+    p: PairPass, head: nn.Linear, target: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Squared error of ``head`` on each phrase word's last hidden state (positives) against
+    the centre of its grounding ``target`` [B, L, Q] over the image cells, where ``valid``."""
+    if not valid.any():
+        return p.mask.new_zeros((), dtype=torch.float)
+    device, (b, length), q = p.mask.device, p.mask.shape, target.shape[-1]
+    centre = target.to(device) @ cell_centres(q).to(device)  # [B, L, 2]
+    pred = head(p.hidden[:b, :length])
+    return ((pred - centre) ** 2).sum(-1)[valid.to(device)].mean()
 
 
 def itc_loss(

@@ -94,6 +94,10 @@ class StageTwo:
     ground_layers: int = 2  # ... of the first this many layers
     ground_relations: bool = False  # relation words too: each looks at the object it points at
     ground_relations_from: float = 0.0  # ... from this progress on (from the start they slow it)
+    # Each grounded phrase word's last hidden state predicts where its object is (the centre
+    # of its grounding target over the image cells) through a training-only linear head, so
+    # words carry their object's position for relations to compare (synthetic world; 0: off).
+    where_weight: float = 0.0
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400

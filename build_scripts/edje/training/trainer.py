@@ -77,6 +77,12 @@ class EDJETrainer:
             hidden = ranking.language_model.config.hidden_size
             self.rtd_head = nn.Linear(hidden, 1).to(self.device)
             self.params += list(self.rtd_head.parameters())
+        self.where_head = None
+        if self.phrase_classes is not None and cfg.where_weight > 0:
+            # Training-only head: where in the image is the object this word names?
+            hidden = ranking.language_model.config.hidden_size
+            self.where_head = nn.Linear(hidden, 2).to(self.device)
+            self.params += list(self.where_head.parameters())
         self.params = [p for p in self.params if p.requires_grad]  # frozen tables stay out
         # One fused kernel for every tensor (the per-tensor loop took ~10% of a step).
         self.opt = torch.optim.AdamW(
@@ -123,6 +129,8 @@ class EDJETrainer:
             out["ground"] = L.grounding_loss(
                 pairs, target, valid, cfg.ground_heads, cfg.ground_layers
             )
+            if self.where_head is not None:
+                out["where"] = L.where_loss(pairs, self.where_head, target, valid)
         out["acc"] = L.accuracy(pairs)
         target = self.caption_emb[torch.as_tensor(batch["cap"])].to(self.device)
         out["itc"] = L.itc_loss(self.ranking, self.text_projection, pairs, target)
@@ -154,6 +162,7 @@ class EDJETrainer:
             "distill": schedule.distill_weight(cfg, self.progress()),
             "rtd": cfg.rtd_weight,
             "ground": cfg.ground_weight,
+            "where": cfg.where_weight,
         }
 
     def train_step(self) -> dict[str, float]:
