@@ -356,7 +356,8 @@ def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
 
     from edje.training.record import write_training_record
 
-    monkeypatch.setattr("sys.argv", ["edje.train", "default", "--seed", "7"])
+    recipe = '{"stage2": {"where_weight": 1.0}}'
+    monkeypatch.setattr("sys.argv", ["edje.train", "default", "--seed", "7", "--recipe", recipe])
     report = {
         "k": 10,
         "num_images": 358,
@@ -397,11 +398,13 @@ def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
     }
     write_training_record(tmp_path, Recipe(seed=7), report)
     record = json.loads((tmp_path / "training.json").read_text())
-    assert record["command"] == "python -m edje.train default --seed 7"
+    # Quoted as a shell needs it: the command can be pasted back.
+    command = "python -m edje.train default --seed 7 --recipe '" + recipe + "'"
+    assert record["command"] == command
     assert record["recipe"]["seed"] == 7
     assert record["report"]["text_to_image"]["reranked"]["R@1"] == 77.1
     text = (tmp_path / "TRAINING.md").read_text()
-    assert "`python -m edje.train default --seed 7` (seed 7)" in text
+    assert f"`{command}` (seed 7)" in text
     assert "**77.1** (gain 15.4)" in text and "| relation | 100 | 49.0 | 80.0 |" in text
     assert "| 400 | 6.5 | 57.7 | 20.2 | - | - | - | - |" in text
     assert "| 800 | 13.0 | 57.7 | 40.0 | 40.1 | 30.5 | 50.2 | 35.0 |" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -21,7 +22,7 @@ def write_training_record(out: Path, recipe: Recipe, report: dict) -> None:
     ``report`` is a test report (:func:`edje.training.evaluation.evaluate`) plus
     ``train_seconds``, ``stage1_seconds``, ``stage2_steps`` and ``validation_curve``.
     """
-    command = "python -m edje.train " + " ".join(sys.argv[1:])
+    command = "python -m edje.train " + shlex.join(sys.argv[1:])  # as typed in a shell
     record = {"command": command, "recipe": asdict(recipe), "report": report}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     kinds = "\n".join(
