@@ -340,9 +340,10 @@ def test_shipped_default_reranking_gain():
     assert "python -m edje.train default" in (DEFAULT_MODEL / "TRAINING.md").read_text()
     source = ModelSource.from_dir(DEFAULT_MODEL)
     assert not source.random_weights
-    # Every tier of the test split: re-ranking must gain (shipped: +22.1 seen, +14.3 held-out
-    # phrasings, +15.6 held-out rendering; TRAINING.md), the first stage must reach the answer.
-    floors = {"seen": 15.0, "held_out_phrasing": 10.0, "held_out_rendering": 10.0}
+    # Every tier of the test split: re-ranking must gain (shipped: +38.2 seen, +10.3 held-out
+    # phrasings, +33.0 held-out rendering; TRAINING.md), the first stage must reach the answer.
+    # The floors sit a few queries below the shipped gains (one query is 0.28 points).
+    floors = {"seen": 30.0, "held_out_phrasing": 7.0, "held_out_rendering": 25.0}
     for tier, floor in floors.items():
         report = evaluate(source, "test", seed=0, show=0, tier=tier)
         first = report["text_to_image"]["first_stage"]

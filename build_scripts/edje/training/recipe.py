@@ -97,7 +97,7 @@ class StageTwo:
     # Each grounded phrase word's last hidden state predicts where its object is (the centre
     # of its grounding target over the image cells) through a training-only linear head, so
     # words carry their object's position for relations to compare (synthetic world; 0: off).
-    where_weight: float = 0.0
+    where_weight: float = 1.0
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400
