@@ -288,6 +288,40 @@ def test_where_loss_reads_the_centre_of_the_grounding_target():
         assert float(L.where_loss(p, head, target, valid)) == 0.0  # word 2 is not valid
         hidden[0, 0] = torch.tensor([-0.5, -0.5])  # one cell off in x: error 1
         assert float(L.where_loss(p, head, target, valid)) == pytest.approx(0.5)
+        # Row 1 (the caption with a wrong image) is read from the second block of states.
+        p.hidden = torch.cat([hidden, torch.tensor([[[0.5, -0.5], [0.0, 0.0], [0.0, 0.0]]])])
+        both = L.where_loss(p, head, target.repeat(2, 1, 1), valid.repeat(2, 1), rows=(1, 0))
+        assert float(both) == pytest.approx(0.25)  # 0 + 0 on row 1, 1 + 0 on row 0
+
+
+def test_where_loss_on_wrong_images_reads_their_label_maps(tiny_setup, monkeypatch):
+    trainer = _trainer(tiny_setup, steps=4)
+    cfg, data = trainer.cfg, trainer.data
+    cfg.where_on_negatives, cfg.twin_share, cfg.twin_from = True, 0.5, 0.0
+    trainer.step = cfg.steps  # the full twin share
+    seen, where_loss = {}, L.where_loss
+
+    def spy(p, head, target, valid, rows=(0,)):
+        seen.update(valid=valid, rows=tuple(rows))
+        return where_loss(p, head, target, valid, rows)
+
+    monkeypatch.setattr(L, "where_loss", spy)
+    batch = trainer.sample()
+    assert torch.isfinite(trainer.losses(batch)["where"])
+    b, n = batch["neg_img"].shape
+    assert seen["rows"] == tuple(range(n + 1))
+    valid = seen["valid"].view(n + 1, b, -1)
+    holding = 0
+    for r, c in enumerate(batch["cap"]):
+        named = set(synthetic.phrase_classes(data.captions[c])) - {0}
+        for j, img in enumerate(batch["neg_img"][r]):
+            present = set(data.labels[int(img)].unique().tolist())
+            if not named & present:  # the wrong image holds none of the caption's objects
+                assert not valid[1 + j, r].any(), (r, j)
+            if named and named <= present:  # all of them (a position or count twin: elsewhere)
+                holding += 1
+                assert valid[1 + j, r].any(), (r, j)
+    assert holding > 0
 
 
 def test_edje_losses_fall(tiny_setup):

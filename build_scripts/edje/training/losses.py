@@ -193,16 +193,22 @@ def cell_centres(q: int) -> torch.Tensor:
 
 
 def where_loss(
-    p: PairPass, head: nn.Linear, target: torch.Tensor, valid: torch.Tensor
+    p: PairPass,
+    head: nn.Linear,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    rows: Sequence[int] = (0,),
 ) -> torch.Tensor:
-    """Squared error of ``head`` on each phrase word's last hidden state (positives) against
-    the centre of its grounding ``target`` [B, L, Q] over the image cells, where ``valid``."""
+    """Squared error of ``head`` on each phrase word's last hidden state against the centre of
+    its grounding ``target`` over the image cells, where ``valid``. ``rows`` are the pair rows
+    read (0: the positives; 1..n: the caption with a wrong image), ``target`` [R B, L, Q] and
+    ``valid`` [R B, L] their targets in that order, each from the row's own image."""
     if not valid.any():
         return p.mask.new_zeros((), dtype=torch.float)
     device, (b, length), q = p.mask.device, p.mask.shape, target.shape[-1]
-    centre = target.to(device) @ cell_centres(q).to(device)  # [B, L, 2]
-    pred = head(p.hidden[:b, :length])
-    return ((pred - centre) ** 2).sum(-1)[valid.to(device)].mean()
+    centre = target.to(device) @ cell_centres(q).to(device)  # [R B, L, 2]
+    hidden = torch.cat([p.hidden[r * b : (r + 1) * b, :length] for r in rows])
+    return ((head(hidden) - centre) ** 2).sum(-1)[valid.to(device)].mean()
 
 
 def itc_loss(

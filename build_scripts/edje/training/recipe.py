@@ -98,6 +98,10 @@ class StageTwo:
     # of its grounding target over the image cells) through a training-only linear head, so
     # words carry their object's position for relations to compare (synthetic world; 0: off).
     where_weight: float = 1.0
+    # ... also on each caption's wrong images, with the targets from that image wherever it
+    # holds the caption's objects (binding twins: the same objects elsewhere), so that position
+    # has to come from the image, not from the caption's word order.
+    where_on_negatives: bool = False
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400

@@ -117,20 +117,33 @@ class EDJETrainer:
             out["rtd"] = L.contradiction_loss(pairs, self.rtd_head)
         if self.phrase_classes is not None:
             q = self.indexing.vision_projection.query.shape[1]
-            target, valid = grounding_targets(
-                self.data,
-                batch,
-                pairs.enc,
-                pairs.mask.shape[1],
-                q,
-                self.phrase_classes,
-                schedule.grounds_relations(cfg, self.progress()),
-            )
+            relations = schedule.grounds_relations(cfg, self.progress())
+
+            def targets(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+                """Grounding targets of the positives' words in ``images`` [B]."""
+                return grounding_targets(
+                    self.data,
+                    {**batch, "img": images},
+                    pairs.enc,
+                    pairs.mask.shape[1],
+                    q,
+                    self.phrase_classes,
+                    relations,
+                )
+
+            target, valid = targets(batch["img"])
             out["ground"] = L.grounding_loss(
                 pairs, target, valid, cfg.ground_heads, cfg.ground_layers
             )
             if self.where_head is not None:
-                out["where"] = L.where_loss(pairs, self.where_head, target, valid)
+                rows, parts = [0], [(target, valid)]
+                if cfg.where_on_negatives:  # where the caption's objects are in a wrong image
+                    for j in range(cfg.image_negatives):
+                        rows.append(1 + j)
+                        parts.append(targets(batch["neg_img"][:, j]))
+                where_target = torch.cat([t for t, _ in parts])
+                where_valid = torch.cat([v for _, v in parts])
+                out["where"] = L.where_loss(pairs, self.where_head, where_target, where_valid, rows)
         out["acc"] = L.accuracy(pairs)
         target = self.caption_emb[torch.as_tensor(batch["cap"])].to(self.device)
         out["itc"] = L.itc_loss(self.ranking, self.text_projection, pairs, target)
