@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +532,33 @@ def test_launch_errors_are_edje_errors(tmp_path):
     with pytest.raises(LaunchError, match="model repository not found") as info:
         server.start()
     assert isinstance(info.value, EDJEError) and server.process is None
+
+
+class _DiesWhileStarting(TritonServer):
+    """A "server" that leaves a child in its process group and exits, as a tritonserver
+    whose Python backend aborts while starting leaves its stubs behind."""
+
+    def command(self) -> list[str]:
+        return ["bash", "-c", "sleep 300 & echo $! > child.pid; exit 3"]
+
+
+def test_a_server_that_dies_while_starting_takes_its_children_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    server = _DiesWhileStarting(tmp_path, http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(LaunchError, match="exited with code 3 while starting"):
+        server.start()
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 10
+    stat = Path(f"/proc/{child}/stat")
+
+    def running() -> bool:  # a zombie waiting for init to reap it counts as gone
+        with contextlib.suppress(OSError):
+            return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        return False
+
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(), "the dead server's child is still running"
 
 
 def test_cli_serve_refuses_a_taken_port(repo_dir, capsys):

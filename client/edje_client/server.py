@@ -224,6 +224,10 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                # A server that dies while starting (Triton's Python backend can abort) leaves
+                # its backend stubs running in its process group: take them down with it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 raise LaunchError(
                     f"tritonserver exited with code {self.process.returncode} while starting; "
                     f"log {self.log_file}:\n{self.log_tail()}"
