@@ -124,22 +124,25 @@ def _restart(server: TritonServer, tmp_path: Path) -> TritonServer:
     its stubs on a loaded machine (``boost::interprocess::lock_exception``, SIGABRT; upstream:
     triton-inference-server/server#8882); that one start is retried once, as a supervisor
     would. Any other launch failure fails the test."""
-    for attempt in range(2):
-        restarted = TritonServer(
+
+    def launch(attempt: int) -> TritonServer:
+        return TritonServer(
             server.model_repository,
             http_port=server.http_port,
             grpc_port=server.grpc_port,
             metrics_port=server.metrics_port,
             log_file=tmp_path / f"b{attempt}",
         )
-        try:
-            return restarted.start()
-        except LaunchError as err:
-            if attempt or "lock_exception" not in str(err):
-                raise
-            print("\nrestart aborted in Triton's Python backend; retrying once")
-            _wait_for_group_gone(restarted.process.pid)
-    raise AssertionError("unreachable")
+
+    first = launch(0)
+    try:
+        return first.start()
+    except LaunchError as err:
+        if "lock_exception" not in str(err):
+            raise
+    print("\nrestart aborted in Triton's Python backend; retrying once")
+    _wait_for_group_gone(first.process.pid)
+    return launch(1).start()
 
 
 def test_killed_server_gives_connection_errors_and_the_client_recovers(repo_dir, tmp_path):

@@ -226,8 +226,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 # A server that dies while starting (Triton's Python backend can abort) leaves
                 # its backend stubs running in its process group: take them down with it.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
+                self._kill_group()
                 raise LaunchError(
                     f"tritonserver exited with code {self.process.returncode} while starting; "
                     f"log {self.log_file}:\n{self.log_tail()}"
@@ -262,9 +261,13 @@ class TritonServer:
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            self._kill_group()
             self.process.wait()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the server's process group (its backend stubs too), if any of it is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def wait(self) -> int:
         """Block until the server exits; return its exit code."""

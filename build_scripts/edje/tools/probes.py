@@ -96,19 +96,28 @@ def vit_features(vision_model: nn.Module, images: int, seed: int = 0):
 
 
 @torch.no_grad()
+def encoded_val_pairs(source, keep, images: int, seed: int = 0, labels: bool = False):
+    """``(ranking model, examples, image tokens [N, Q, D], the same rolled by one)``: the first
+    ``images`` validation examples (one image per scene) that ``keep`` accepts, their images
+    through the indexing model; the rolled tokens give every caption another scene's image."""
+    indexing, _ = source.build_indexing_model()
+    ranking, _ = source.build_ranking_model()
+    generated = synthetic.generate("val", seed, images_per_scene=1, labels=labels)
+    examples = [e for e in generated if keep(e)][:images]
+    pixels = source.image_processor()(images=[e.image for e in examples], return_tensors="pt")
+    tokens = indexing.eval().encode(pixels["pixel_values"]).compressed_tokens.float()
+    return ranking.eval(), examples, tokens, torch.roll(tokens, 1, dims=0)
+
+
+@torch.no_grad()
 def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, dict]:
     """Masked-word accuracy per word group, own image vs another scene's (see module doc)."""
     from edje.training.data import word_group_ids
 
-    indexing, _ = source.build_indexing_model()
-    ranking, _ = source.build_ranking_model()
-    tokenizer, processor = source.tokenizer(), source.image_processor()
-    examples = [
-        e for e in synthetic.generate("val", seed, images_per_scene=1) if e.kind != "plain"
-    ][:images]
-    pixels = processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
-    tokens = indexing.eval().encode(pixels).compressed_tokens.float()
-    others = torch.roll(tokens, 1, dims=0)  # another scene's image for every caption
+    ranking, examples, tokens, others = encoded_val_pairs(
+        source, lambda e: e.kind != "plain", images, seed
+    )
+    tokenizer = source.tokenizer()
     enc = tokenizer([e.captions[0] for e in examples], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     group_of = word_group_ids(tokenizer, tuple(synthetic.WORD_GROUPS.values()))
@@ -121,7 +130,7 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
         masked = torch.where(hit, torch.full_like(ids, tokenizer.mask_token_id), ids)[rows]
         report[name] = {"captions": int(rows.sum())}
         for label, image in (("own_image", tokens), ("other_image", others)):
-            out = ranking.eval().pair_hidden_states(image[rows], masked, mask[rows])
+            out = ranking.pair_hidden_states(image[rows], masked, mask[rows])
             hidden = out.last_hidden_state
             pred = ranking.language_model.cls(hidden[:, : ids.shape[1]]).argmax(-1)
             right = (pred == ids[rows])[hit[rows]]
@@ -150,22 +159,14 @@ def object_halves(examples: Sequence, tokenizer) -> tuple[dict, list[int], list[
 
 def where_probe(source, images: int = 400, seed: int = 0) -> dict[str, float]:
     """Object half (along the pair's axis) from its words' last hidden states (module doc)."""
-    indexing, _ = source.build_indexing_model()
-    ranking, _ = source.build_ranking_model()
-    processor = source.image_processor()
-    examples = [
-        e
-        for e in synthetic.generate("val", seed, images_per_scene=1, labels=True)
-        if e.scene.kind == "pair"
-    ][:images]
-    pixels = processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
+    ranking, examples, tokens, others = encoded_val_pairs(
+        source, lambda e: e.scene.kind == "pair", images, seed, labels=True
+    )
     enc, rows, cols, half = object_halves(examples, source.tokenizer())
     report: dict[str, float] = {"words": len(rows)}
-    with torch.no_grad():
-        tokens = indexing.eval().encode(pixels).compressed_tokens.float()
-    for label, image in (("own_image", tokens), ("other_image", torch.roll(tokens, 1, 0))):
+    for label, image in (("own_image", tokens), ("other_image", others)):
         with torch.no_grad():
-            out = ranking.eval().pair_hidden_states(image, enc["input_ids"], enc["attention_mask"])
+            out = ranking.pair_hidden_states(image, enc["input_ids"], enc["attention_mask"])
         words = out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
         report[label] = round(probe_accuracy(words, torch.tensor(half)), 3)
     return report
