@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from edje.tools.bench_ranker import stress_lists
-from edje.tools.int8_study import activation_absmax, fake_int8, scores, smoothing, study
+from edje.tools.int8_study import activation_absmax, scores, smoothing, study
+from edje.training.fake_int8 import fake_int8
 
 
 def _lists(tiny_source, ranking, n=3, k=4):

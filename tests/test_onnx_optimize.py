@@ -12,7 +12,7 @@ import torch
 
 from edje.onnx_export import export_ranker, op_counts, optimize_ranker, quantize_int8
 from edje.tiny import BASIC_WORDS
-from edje.tools.bench_ranker import pair_layouts
+from edje.training.rerank_lists import pair_layouts
 
 
 @pytest.fixture(scope="module")

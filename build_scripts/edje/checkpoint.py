@@ -7,6 +7,7 @@ whose shape differs, and reports which file keys were used and which ignored.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,3 +121,28 @@ def _head(items: Iterable[str], n: int = 8) -> str:
     items = list(items)
     more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def write_updated_source(
+    source: str | Path, out: str | Path, checkpoint: str | Path, new: Mapping[str, torch.Tensor]
+) -> Path:
+    """Copy the model source directory ``source`` to ``out``, with the tensors ``new`` (this
+    transformers' names) replacing theirs in its ``checkpoint``, in the checkpoint's dtype and
+    format (safetensors, or a weights-only ``{"model": ...}`` torch file)."""
+    out = Path(out)
+    if out.resolve() != Path(source).resolve():
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    state = read_state_dict(checkpoint)
+    dtype = next(iter(state.values())).dtype
+    state |= {
+        k: v.detach().cpu().to(dtype).contiguous().clone()
+        for k, v in to_research_layout(new).items()
+    }
+    path = out / Path(checkpoint).name
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state}, path)
+    return path

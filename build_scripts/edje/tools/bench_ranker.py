@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.configuration import MAX_TEXT_TOKENS, EDJEConfig, published_language_config
+from edje.configuration import EDJEConfig, published_language_config
+from edje.training.rerank_lists import pair_layouts, rerank_lists
 
 PUBLISHED = EDJEConfig()  # the real-size shape contract: Q = 64, D = 384
 Q, D = PUBLISHED.token_shape
@@ -352,44 +353,6 @@ def section_ranker(work: Path, batch: int, rounds: int, variants: bool = False) 
                 "int8_over_fp32_opt": median_ratio(group, "ort_fp32_opt", "ort_int8"),
             }
     return result
-
-
-def pair_layouts(tokenizer, captions: list[str], q: int) -> dict[str, np.ndarray]:
-    """Serving's pair layout (edje_tokenizer) for one caption per pair."""
-    enc = tokenizer(
-        captions,
-        ["<image>" * q] * len(captions),
-        truncation="only_first",
-        max_length=MAX_TEXT_TOKENS + q,
-        padding="longest",
-        return_tensors="np",
-    )
-    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def rerank_lists(source, split: str = "test", k: int = 10) -> list[dict[str, np.ndarray]]:
-    """Real re-rank lists: every caption of the synthetic ``split`` (one image per scene) with
-    the ``k`` images the source's own first stage ranks highest for it, as ranker feeds."""
-    from edje import synthetic
-    from edje.training.first_stage import embed_texts
-
-    indexing, _ = source.build_indexing_model()
-    text_model, _ = source.build_text_model()
-    tokenizer, text_tokenizer = source.tokenizer(), source.text_tokenizer()
-    processor = source.image_processor()
-    examples = list(synthetic.generate(split, 0, images_per_scene=1))
-    with torch.no_grad():
-        pixels = processor(images=[e.image for e in examples], return_tensors="pt")
-        encoded = indexing.encode(pixels["pixel_values"])
-    tokens = encoded.compressed_tokens.to(torch.float16).numpy()  # stored as fp16
-    captions = [e.captions[0] for e in examples]
-    text = embed_texts(text_model, text_tokenizer, captions, text_tokenizer.model_max_length)
-    top = torch.topk(text @ encoded.image_embedding.T, k, dim=1).indices.numpy()
-    q = tokens.shape[1]
-    return [
-        {**pair_layouts(tokenizer, [caption] * k, q), "compressed_tokens": tokens[images]}
-        for caption, images in zip(captions, top, strict=True)
-    ]
 
 
 def stress_lists(tokenizer, q: int, width: int, lists: int = 200, k: int = 10, seed: int = 0):

@@ -19,82 +19,17 @@ the real re-rank lists of ``make bench`` section 2:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edje.tools.bench_ranker import agreement, rerank_lists
-
-MODES = ("none", "per_tensor", "per_token")
-
-
-def projections(ranking: nn.Module) -> dict[str, nn.Linear]:
-    """The joint encoder's projections (every ``nn.Linear`` of its layers)."""
-    return {
-        name: m
-        for name, m in ranking.language_model.named_modules()
-        if isinstance(m, nn.Linear) and ".layer." in name
-    }
-
-
-def quantise_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8, one scale per output channel (rows of ``nn.Linear.weight``)."""
-    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    return (w / scale).round().clamp(-127, 127) * scale
-
-
-def quantise_activation(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Asymmetric uint8 (range widened to hold 0, as ``DynamicQuantizeLinear``): one scale
-    over the whole tensor (``per_tensor``) or per position (``per_token``); ``none``: ``x``."""
-    if mode == "none":
-        return x
-    if mode == "per_tensor":
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-    elif mode == "per_token":
-        lo = x.amin(-1, keepdim=True).clamp(max=0)
-        hi = x.amax(-1, keepdim=True).clamp(min=0)
-    else:
-        raise ValueError(f"unknown activation mode {mode!r}; expected one of {MODES}")
-    scale = (hi - lo).clamp_min(1e-12) / 255
-    zero = (-lo / scale).round()
-    return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
-
-
-@contextlib.contextmanager
-def fake_int8(
-    ranking: nn.Module,
-    mode: str,
-    weights: bool = True,
-    smooth: dict[str, torch.Tensor] | None = None,
-) -> Iterator[None]:
-    """Within the block, every projection of ``ranking`` divides its input by ``smooth[name]``
-    (per input channel; weights multiplied to match), quantises it (``mode``) and uses int8
-    ``weights``. The model is restored on exit."""
-    layers = projections(ranking)
-    saved = {name: m.weight.data.clone() for name, m in layers.items()}
-    hooks = []
-    try:
-        for name, m in layers.items():
-            s = None if smooth is None else smooth[name]
-            w = saved[name] if s is None else saved[name] * s
-            m.weight.data = quantise_weight(w) if weights else w
-
-            def pre(_mod, inputs, s=s):
-                x = inputs[0] if s is None else inputs[0] / s
-                return (quantise_activation(x, mode),)
-
-            hooks.append(m.register_forward_pre_hook(pre))
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        for name, m in layers.items():
-            m.weight.data = saved[name]
+from edje.tools.bench_ranker import agreement
+from edje.training.fake_int8 import MODES, fake_int8, projections
+from edje.training.rerank_lists import rerank_lists
 
 
 def scores(ranking: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from edje.checkpoint import to_research_layout
+from edje.checkpoint import write_updated_source
 from edje.configuration import QUERY_TOKENS
 from edje.model_source import ModelSource
 from edje.training.data import Features, karpathy_data
@@ -86,13 +84,7 @@ def finetune(
         device=device,
     )
     trainer.fit()
-    out = Path(out)
-    if out.resolve() != Path(source).resolve():
-        shutil.copytree(source, out, dirs_exist_ok=True)
-    tensors = dict(state)
-    new = to_research_layout({**indexing.state_dict(), **ranking.state_dict()})
+    new = {**indexing.state_dict(), **ranking.state_dict()}
     new |= {prefix + k: v for k, v in text_projection.state_dict().items()}
-    dtype = next(iter(state.values())).dtype
-    tensors |= {k: v.detach().cpu().to(dtype).contiguous().clone() for k, v in new.items()}
-    save_file(tensors, str(out / Path(src.checkpoint).name))
+    write_updated_source(source, out, src.checkpoint, new)
     return {"steps": steps, "out": str(out)}
