@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
 
 from edje.tools.bench_ranker import stress_lists
 from edje.tools.int8_study import activation_absmax, scores, smoothing, study
-from edje.training.fake_int8 import fake_int8
+from edje.training.fake_int8 import fake_int8, projections
 
 
 def _lists(tiny_source, ranking, n=3, k=4):
@@ -57,3 +60,27 @@ def test_study_reports_every_scheme(tiny_source, tiny_models):
     }
     for row in report.values():
         assert row["lists"] == len(lists) and 0.0 <= row["top1_agreement"] <= 1.0
+
+
+def test_fake_int8_passes_gradients_and_changes_no_parameter(tiny_source, tiny_models):
+    ranking = copy.deepcopy(tiny_models[1]).eval()
+    q, width = ranking.num_compressed_tokens, ranking.language_model.config.hidden_size
+    feeds = stress_lists(tiny_source.tokenizer(), q, width, lists=1, k=3)[0]
+    batch = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    batch["compressed_tokens"] = batch["compressed_tokens"].float()
+    before = {n: p.detach().clone() for n, p in ranking.named_parameters()}
+    with torch.no_grad():
+        fp32 = ranking.score_pairs(**batch)
+    with fake_int8(ranking):
+        int8 = ranking.score_pairs(**batch)
+    assert (int8 - fp32).abs().max() > 1e-6, "nothing was quantised"
+    int8.sum().backward()
+    layers = projections(ranking)
+    assert len(layers) == 6 * ranking.language_model.config.num_hidden_layers
+    for name, m in layers.items():
+        assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0, name
+        assert "forward" not in vars(m), f"{name} keeps the patched forward"
+    for n, p in ranking.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    with torch.no_grad():
+        assert torch.equal(ranking.score_pairs(**batch), fp32)

@@ -15,9 +15,6 @@ The command line of :mod:`edje.training` (its docstring says what runs, in what 
     python -m edje.train finetune --source /models/edje-large --data coco/dataset_coco.json \\
         --image-root coco/images --out /models/edje-coco --device cuda --batch-size 128 \\
         --steps 20000 --lr 2e-5 --no-cache
-    # quantisation-aware fine-tuning: a copy of a source whose int8 ranker (--quantize-ranker
-    # int8) ranks as its fp32 one (minutes on CPU)
-    python -m edje.train int8-robust --source build_scripts/edje/default_model --out DIR
 """
 
 from __future__ import annotations
@@ -32,14 +29,13 @@ from dataclasses import asdict
 import torch
 
 from edje import synthetic
-from edje.training.int8_robust import Int8Robust, int8_robust
 from edje.training.recipe import Recipe, StageTwo, with_overrides
 
 log = logging.getLogger("edje.training")
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line: ``default``, ``evaluate``, ``world``, ``finetune``, ``int8-robust``."""
+    """The command line: ``default``, ``evaluate``, ``world`` and ``finetune``."""
     p = argparse.ArgumentParser(prog="python -m edje.train", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("default", help="train the embedded default on the synthetic world")
@@ -87,20 +83,6 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--warmup", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--no-cache", action="store_true", help="run the ViT per batch")
-    q = sub.add_parser(
-        "int8-robust",
-        help="quantisation-aware fine-tune: int8 scores that rank as the fp32 ones",
-        description=(
-            "Fine-tune a model source's joint encoder on re-rank lists of the synthetic train "
-            "split: its fp32 scores anchored to the original's, its simulated int8 scores "
-            "(ONNX Runtime's dynamic scheme) pulled to its fp32 ones. Writes a copy of the "
-            "source with the new weights."
-        ),
-    )
-    q.add_argument("--source", default="build_scripts/edje/default_model")
-    q.add_argument("--out", required=True, help="where the fine-tuned source is written")
-    for name, value in asdict(Int8Robust()).items():
-        q.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     return p
 
 
@@ -144,9 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "world":
         written = synthetic.write_karpathy(args.out, args.split, args.seed, tier=args.tier)
         report = {"written": str(written)}
-    elif args.command == "int8-robust":
-        settings = {k: getattr(args, k) for k in asdict(Int8Robust())}
-        report = int8_robust(args.source, args.out, Int8Robust(**settings))
     else:
         from edje.training.finetune import finetune
 

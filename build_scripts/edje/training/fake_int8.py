@@ -6,8 +6,8 @@ input activations with one asymmetric scale per batch. :func:`fake_int8` makes a
 compute exactly that (or the alternatives ORT's CPU kernels do not offer) inside a ``with``
 block. Rounding passes gradients straight through, and each scale stays a function of the range
 it is taken from (a gradient that shrinks an outlier shrinks its whole tensor's rounding step),
-so the same block serves the study of schemes (``edje.tools.int8_study``) and
-quantisation-aware fine-tuning (``edje.training.int8_robust``).
+so the same block serves the study of schemes (``edje.tools.int8_study``) and can be trained
+through (the quantisation-aware fine-tune of docs/optimisations.md row 32 was).
 """
 
 from __future__ import annotations
