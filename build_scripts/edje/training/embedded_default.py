@@ -172,6 +172,8 @@ def train_default(
     clip, stage1 = stage_one(recipe, text_tokenizer, train, val, stage1_cache)
     t_stage1 = time.time() - t_start
     log.info(f"stage 1 done in {t_stage1:.0f}s: val {stage1}")
+    set_seed(recipe.seed + 1)  # stage two's random stream: the same whether stage one was
+    # trained or loaded from ``stage1_cache``
 
     lm_config = language_config(recipe, tokenizer.vocab_size)  # <image> comes on top
     indexing, ranking, text_projection = build_edje(recipe, clip, lm_config)

@@ -101,7 +101,7 @@ class StageTwo:
     # ... also on each caption's wrong images, with the targets from that image wherever it
     # holds the caption's objects (binding twins: the same objects elsewhere), so that position
     # has to come from the image, not from the caption's word order.
-    where_on_negatives: bool = False
+    where_on_negatives: bool = True
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400
