@@ -209,6 +209,27 @@ def test_where_probe_targets_follow_the_label_map(tiny_source):
     assert report["words"] > 0 and 0.0 <= report["own_image"] <= 1.0
 
 
+def test_twin_probe_pairs_position_swapped_scenes_and_transfers_its_classifier():
+    from edje.tools.probes import position_twins, probe_accuracy
+
+    a, b, c = (
+        ("red", "circle", "small"),
+        ("blue", "square", "large"),
+        ("green", "triangle", "small"),
+    )
+    scenes = [("h", (a, b)), ("v", (a, b)), ("h", (b, a)), ("h", (a, c))]
+    examples = [
+        synthetic.Example(None, synthetic.Scene("pair", objs, axis), [""], None)
+        for axis, objs in scenes
+    ]
+    assert position_twins(examples) == [2, None, 0, None]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=gen)
+    y = (x[:, 0] > 0).long()
+    assert probe_accuracy(x, y, transfer=(x, y)) > 0.9  # the same rows: as without transfer
+    assert probe_accuracy(x, y, transfer=(x, 1 - y)) < 0.1  # what it learnt is inverted there
+
+
 def test_mlm_masks_one_whole_word_group_per_caption(tiny_setup):
     trainer = _trainer(tiny_setup, steps=1)
     tok = trainer.tokenizer

@@ -21,7 +21,10 @@ no masked word left to eliminate from, only the image can tell "a small [MASK] c
 a large [MASK] square"; an encoder that ignores its image scores the same on both. A third
 probe (``where``) reads, from the last hidden state of each word that names an object in a
 two-object caption, which half of the image (along the pair's axis) that object is in, again
-with the own image and another's: relations can only be checked if words carry this.
+with the own image and another's: relations can only be checked if words carry this. Its
+``twin_image_follows_image`` reads the same words with each scene's position-swapped twin's
+image through the classifier fitted on own-image words, against where the twin holds each
+object: 1.0 if the words follow the image, 0.0 if they follow the caption's word order.
 """
 
 from __future__ import annotations
@@ -38,12 +41,20 @@ from torch import nn
 from edje import synthetic
 
 
-def probe_accuracy(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int = 300) -> float:
-    """Held-out (30%) accuracy of a linear softmax classifier on centred, scaled ``x``."""
+def probe_accuracy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    transfer: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+    steps: int = 300,
+) -> float:
+    """Held-out (30%) accuracy of a linear softmax classifier on centred, scaled ``x``; with
+    ``transfer=(x2, y2)``, the same classifier's accuracy on those rows of ``x2`` instead."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     train, test = perm[: int(0.7 * len(x))], perm[int(0.7 * len(x)) :]
-    x = x - x[train].mean(0)
-    x = x / (x[train].std() + 1e-8)  # one scale for all columns: sparse columns stay sparse
+    mean = x[train].mean(0)
+    scale = (x[train] - mean).std() + 1e-8
+    x = (x - mean) / scale  # one scale for all columns: sparse columns stay sparse
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         linear = nn.Linear(x.shape[1], int(y.max()) + 1)
@@ -53,6 +64,8 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int =
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if transfer is not None:
+        x, y = (transfer[0] - mean) / scale, transfer[1]
     with torch.no_grad():
         return float((linear(x[test]).argmax(1) == y[test]).float().mean())
 
@@ -138,23 +151,35 @@ def joint_encoder_probes(source, images: int = 300, seed: int = 0) -> dict[str, 
     return report
 
 
-def object_halves(examples: Sequence, tokenizer) -> tuple[dict, list[int], list[int], list[int]]:
+def object_halves(
+    examples: Sequence, tokenizer, maps: Sequence | None = None
+) -> tuple[dict, list[int], list[int], list[int]]:
     """Tokenize each pair example's first caption; per token of a word that names an object,
     ``(row, column, half)``: 0 if that object's centre is in the left (top, for a vertical
-    pair) half of its label map, else 1. Returns ``(encoding, rows, columns, halves)``."""
+    pair) half of its label map (of ``maps[row]``, an example of the same objects, if given),
+    else 1. Returns ``(encoding, rows, columns, halves)``."""
     captions = [e.captions[0] for e in examples]
     enc = tokenizer(captions, padding=True, return_tensors="pt")
     rows, cols, half = [], [], []
     for row, (e, caption) in enumerate(zip(examples, captions, strict=True)):
         per_word = synthetic.phrase_classes(caption)
-        coord = np.indices(e.labels.shape)[0 if e.scene.axis == "v" else 1]  # y or x
+        labels = (maps or examples)[row].labels
+        coord = np.indices(labels.shape)[0 if e.scene.axis == "v" else 1]  # y or x
         for t, w in enumerate(enc.word_ids(row)):
-            where = e.labels == (per_word[w] if w is not None else 0)
+            where = labels == (per_word[w] if w is not None else 0)
             if w is not None and per_word[w] and where.any():
                 rows.append(row)
                 cols.append(t)
                 half.append(int(coord[where].mean() >= e.labels.shape[0] / 2))
     return enc, rows, cols, half
+
+
+def position_twins(examples: Sequence) -> list[int | None]:
+    """Per example, the index of the example whose scene is its position-swapped twin (the
+    same two objects, exchanged), or ``None`` if the list holds none."""
+    at = {e.scene.key: i for i, e in enumerate(examples)}
+    swapped = (synthetic.Scene(e.scene.kind, e.scene.objects[::-1], e.scene.axis) for e in examples)
+    return [at.get(s.key) for s in swapped]
 
 
 def where_probe(source, images: int = 400, seed: int = 0) -> dict[str, float]:
@@ -164,11 +189,30 @@ def where_probe(source, images: int = 400, seed: int = 0) -> dict[str, float]:
     )
     enc, rows, cols, half = object_halves(examples, source.tokenizer())
     report: dict[str, float] = {"words": len(rows)}
-    for label, image in (("own_image", tokens), ("other_image", others)):
+
+    def words_with(image: torch.Tensor, ids, mask, rows, cols) -> torch.Tensor:
         with torch.no_grad():
-            out = ranking.pair_hidden_states(image, enc["input_ids"], enc["attention_mask"])
-        words = out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
+            out = ranking.pair_hidden_states(image, ids, mask)
+        return out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
+
+    for label, image in (("own_image", tokens), ("other_image", others)):
+        words = words_with(image, enc["input_ids"], enc["attention_mask"], rows, cols)
         report[label] = round(probe_accuracy(words, torch.tensor(half)), 3)
+    # The probe fitted on own-image words, read with the position-swapped twin's image against
+    # where the twin holds each object: 1.0 if words follow the image, 0.0 if word order.
+    twins = position_twins(examples)
+    paired = [i for i, t in enumerate(twins) if t is not None]
+    if paired:
+        sub = [examples[i] for i in paired]
+        maps = [examples[twins[i]] for i in paired]
+        enc_t, rows_t, cols_t, half_t = object_halves(sub, source.tokenizer(), maps)
+        image = tokens[torch.tensor([twins[i] for i in paired])]
+        ids, mask = enc_t["input_ids"], enc_t["attention_mask"]
+        own_t = words_with(tokens[torch.tensor(paired)], ids, mask, rows_t, cols_t)
+        half_own = torch.tensor(object_halves(sub, source.tokenizer())[3])
+        twin = (words_with(image, ids, mask, rows_t, cols_t), torch.tensor(half_t))
+        report["twin_words"] = len(rows_t)
+        report["twin_image_follows_image"] = round(probe_accuracy(own_t, half_own, twin), 3)
     return report
 
 
