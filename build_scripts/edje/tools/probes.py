@@ -190,29 +190,29 @@ def where_probe(source, images: int = 400, seed: int = 0) -> dict[str, float]:
     enc, rows, cols, half = object_halves(examples, source.tokenizer())
     report: dict[str, float] = {"words": len(rows)}
 
-    def words_with(image: torch.Tensor, ids, mask, rows, cols) -> torch.Tensor:
+    def words_with(image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = ranking.pair_hidden_states(image, ids, mask)
+            out = ranking.pair_hidden_states(image, enc["input_ids"], enc["attention_mask"])
         return out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
 
-    for label, image in (("own_image", tokens), ("other_image", others)):
-        words = words_with(image, enc["input_ids"], enc["attention_mask"], rows, cols)
+    own = words_with(tokens)
+    for label, words in (("own_image", own), ("other_image", words_with(others))):
         report[label] = round(probe_accuracy(words, torch.tensor(half)), 3)
     # The probe fitted on own-image words, read with the position-swapped twin's image against
     # where the twin holds each object: 1.0 if words follow the image, 0.0 if word order.
-    twins = position_twins(examples)
-    paired = [i for i, t in enumerate(twins) if t is not None]
-    if paired:
-        sub = [examples[i] for i in paired]
-        maps = [examples[twins[i]] for i in paired]
-        enc_t, rows_t, cols_t, half_t = object_halves(sub, source.tokenizer(), maps)
-        image = tokens[torch.tensor([twins[i] for i in paired])]
-        ids, mask = enc_t["input_ids"], enc_t["attention_mask"]
-        own_t = words_with(tokens[torch.tensor(paired)], ids, mask, rows_t, cols_t)
-        half_own = torch.tensor(object_halves(sub, source.tokenizer())[3])
-        twin = (words_with(image, ids, mask, rows_t, cols_t), torch.tensor(half_t))
-        report["twin_words"] = len(rows_t)
-        report["twin_image_follows_image"] = round(probe_accuracy(own_t, half_own, twin), 3)
+    twins = [i if t is None else t for i, t in enumerate(position_twins(examples))]
+    keep = torch.tensor([twins[r] != r for r in rows])
+    if keep.any():
+        maps = [examples[t] for t in twins]
+        _, rows_t, cols_t, half_t = object_halves(examples, source.tokenizer(), maps)
+        if (rows_t, cols_t) != (rows, cols):  # a twin that hides one of the caption's objects
+            raise ValueError("a position twin's label map does not hold every named object")
+        half_t = torch.tensor(half_t)
+        twin = (words_with(tokens[torch.tensor(twins)])[keep], half_t[keep])
+        report["twin_words"] = int(keep.sum())
+        report["twin_image_follows_image"] = round(
+            probe_accuracy(own[keep], torch.tensor(half)[keep], twin), 3
+        )
     return report
 
 

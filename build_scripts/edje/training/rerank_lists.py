@@ -28,17 +28,14 @@ def pair_layouts(tokenizer, captions: list[str], q: int) -> dict[str, np.ndarray
     return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def rerank_lists(
-    source, split: str = "test", k: int = 10, max_scenes: int | None = None
-) -> list[dict[str, np.ndarray]]:
-    """Real re-rank lists: every caption of the synthetic ``split`` (one image per scene, the
-    first ``max_scenes`` scenes) with the ``k`` images the source's own first stage ranks
-    highest for it, as ranker feeds."""
+def rerank_lists(source, split: str = "test", k: int = 10) -> list[dict[str, np.ndarray]]:
+    """Real re-rank lists: every caption of the synthetic ``split`` (one image per scene) with
+    the ``k`` images the source's own first stage ranks highest for it, as ranker feeds."""
     indexing, _ = source.build_indexing_model()
     text_model, _ = source.build_text_model()
     tokenizer, text_tokenizer = source.tokenizer(), source.text_tokenizer()
     processor = source.image_processor()
-    examples = list(synthetic.generate(split, 0, images_per_scene=1, max_scenes=max_scenes))
+    examples = list(synthetic.generate(split, 0, images_per_scene=1))
     with torch.no_grad():
         pixels = processor(images=[e.image for e in examples], return_tensors="pt")
         encoded = indexing.encode(pixels["pixel_values"])
