@@ -33,6 +33,7 @@ from edje.training.first_stage import (
 )
 from edje.training.recipe import Recipe, StageTwo
 from edje.training.trainer import EDJETrainer
+from edje.world_captions import NUMBERS, count_groups
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "build_scripts" / "edje" / "default_model"
 TINY = Recipe(
@@ -133,6 +134,7 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
         ground_weight=1.0 if world_signals else 0.0,
         ground_relations=world_signals,
         where_weight=1.0 if world_signals else 0.0,
+        count_weight=1.0 if world_signals else 0.0,
     )
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
@@ -313,6 +315,68 @@ def test_where_loss_reads_the_centre_of_the_grounding_target():
         p.hidden = torch.cat([hidden, torch.tensor([[[0.5, -0.5], [0.0, 0.0], [0.0, 0.0]]])])
         both = L.where_loss(p, head, target.repeat(2, 1, 1), valid.repeat(2, 1), rows=(1, 0))
         assert float(both) == pytest.approx(0.25)  # 0 + 0 on row 1, 1 + 0 on row 0
+
+
+def test_class_counts_follow_the_scene():
+    red, blue = ("red", "circle", "count"), ("blue", "square", "count")
+    counts = synthetic.class_counts(synthetic.Scene("count", (red, blue), counts=(3, 1)))
+    assert counts[synthetic.object_class(red)] == 3
+    assert counts[synthetic.object_class(blue)] == 1
+    assert counts.sum() == 4
+    pair = synthetic.Scene("pair", (("red", "circle", "small"), ("red", "circle", "large")), "h")
+    assert synthetic.class_counts(pair)[synthetic.object_class(red)] == 2  # one class, twice
+
+
+def test_count_loss_is_cross_entropy_over_valid_words():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2) * 20)  # word 0 says "0", word 1 says "1"
+    p = SimpleNamespace(mask=torch.ones(1, 3, dtype=torch.long), hidden=hidden)
+    valid = torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        assert float(L.count_loss(p, head, torch.tensor([[0, 1, 0]]), valid)) < 1e-6
+        wrong = float(L.count_loss(p, head, torch.tensor([[1, 1, 0]]), valid))
+        assert wrong == pytest.approx(20 / 2, rel=1e-3)  # word 0 off by a 20-logit margin
+
+
+def test_count_targets_read_each_rows_image(tiny_setup, monkeypatch):
+    trainer = _trainer(tiny_setup, steps=4)
+    cfg, data = trainer.cfg, trainer.data
+    cfg.twin_share, cfg.twin_from = 0.5, 0.0
+    trainer.step = cfg.steps  # the full twin share: count twins among the wrong images
+    seen, count_loss = {}, L.count_loss
+
+    def spy(p, head, target, valid, rows=(0,)):
+        seen.update(target=target, valid=valid, rows=tuple(rows))
+        return count_loss(p, head, target, valid, rows)
+
+    monkeypatch.setattr(L, "count_loss", spy)
+    number = {word: n for n, word in NUMBERS.items()}
+    # A batch of count captions only, so every row has words to read.
+    counted = [c for c, kind in enumerate(data.caption_kind) if kind == "count"]
+    batch = trainer.sample()
+    batch["cap"] = np.array(counted[: len(batch["cap"])])
+    batch["img"] = np.array([data.images_of[int(data.caption_group[c])][0] for c in batch["cap"]])
+    assert torch.isfinite(trainer.losses(batch)["count"])
+    b, n = batch["neg_img"].shape
+    assert seen["rows"] == tuple(range(n + 1))
+    target, valid = seen["target"].view(n + 1, b, -1), seen["valid"].view(n + 1, b, -1)
+    differ = 0
+    for r, c in enumerate(batch["cap"]):
+        groups = {
+            synthetic.object_class((colour, shape, "count")): number[word]
+            for word, colour, shape in count_groups(data.captions[c])
+        }
+        assert valid[0, r].any()
+        own = set(target[0, r][valid[0, r]].tolist())
+        assert own <= set(groups.values()), (data.captions[c], own)  # the caption's numbers
+        for j, img in enumerate(batch["neg_img"][r]):
+            held = data.class_counts[int(img)]
+            expect = sorted({min(int(held[k]), 4) for k in groups})
+            assert sorted(set(target[1 + j, r][valid[1 + j, r]].tolist())) == expect
+            differ += expect != sorted(set(groups.values()))
+    assert differ > 0  # some wrong images hold other numbers of the caption's objects
 
 
 def test_where_loss_on_wrong_images_reads_their_label_maps(tiny_setup, monkeypatch):

@@ -99,6 +99,14 @@ class Scene:
         return self.kind
 
 
+def class_counts(scene: Scene) -> np.ndarray:
+    """int [classes]: how many objects of each class (:func:`object_class`) ``scene`` holds."""
+    out = np.zeros(NUM_OBJECT_CLASSES, dtype=np.int64)
+    for obj, n in zip(scene.objects, scene.counts or (1,) * len(scene.objects), strict=True):
+        out[object_class(obj)] += n
+    return out
+
+
 def all_scenes() -> list[Scene]:
     """Every scene description of the world, in a fixed order."""
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]

@@ -36,6 +36,9 @@ class PairData:
     # int [N]: images whose scenes differ only in binding (swapped colours, flipped relation,
     # swapped counts) share a family (synthetic world only)
     image_family: np.ndarray | None = None
+    # int [N, classes]: how many objects of each class (label-map value) each image holds
+    # (synthetic world only)
+    class_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.images_of: dict[int, np.ndarray] = {}
@@ -112,6 +115,7 @@ def world_data(
         to_uint8([e.image for e in examples]),
         labels=torch.from_numpy(np.stack([e.labels for e in examples])),
         image_family=np.array([families[ex.scene.group] for ex in examples]),
+        class_counts=np.stack([synthetic.class_counts(ex.scene) for ex in examples]),
     )
 
 

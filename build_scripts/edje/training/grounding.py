@@ -18,6 +18,8 @@ from edje import synthetic
 from edje.training.data import PairData, patch_object_mix
 from edje.world_captions import words as world_words
 
+MAX_COUNT = 4  # the world's largest group; the count head reads 0..MAX_COUNT
+
 
 def grounding_targets(
     data: PairData,
@@ -34,21 +36,46 @@ def grounding_targets(
     ``enc`` is the positives' tokenization (``word_ids``), ``length`` the padded text length,
     ``num_tokens`` Q, a square number.
     """
-    b, q = len(batch["cap"]), num_tokens
+    q = num_tokens
     cell = data.labels.shape[-1] // math.isqrt(q)
     mix = patch_object_mix(data.labels[torch.as_tensor(batch["img"])], cell)  # [B, Q, C]
-    classes = torch.zeros(b, length, dtype=torch.long)
-    for row, c in enumerate(batch["cap"]):
-        per_word = phrase_classes(data.captions[c])
-        for t, w in enumerate(enc.word_ids(row)[:length]):
-            if w is not None:
-                classes[row, t] = per_word[w]
+    classes = token_classes(data, batch, enc, length, phrase_classes)
     if relations:
         classes = relation_classes(data, batch, enc, classes, length)
     target = torch.gather(mix, 2, classes[:, None, :].expand(-1, q, -1)).transpose(1, 2)
     total = target.sum(-1, keepdim=True)  # [B, L, 1]
     valid = (classes > 0) & (total.squeeze(-1) > 0)
     return target / total.clamp_min(1e-9), valid
+
+
+def token_classes(
+    data: PairData,
+    batch: dict[str, np.ndarray],
+    enc,
+    length: int,
+    phrase_classes: Callable[[str], list[int]],
+) -> torch.Tensor:
+    """long [B, L]: per token of the positives' captions, the object class its noun phrase
+    names (0: none)."""
+    classes = torch.zeros(len(batch["cap"]), length, dtype=torch.long)
+    for row, c in enumerate(batch["cap"]):
+        per_word = phrase_classes(data.captions[c])
+        for t, w in enumerate(enc.word_ids(row)[:length]):
+            if w is not None:
+                classes[row, t] = per_word[w]
+    return classes
+
+
+def count_targets(
+    data: PairData, batch: dict[str, np.ndarray], classes: torch.Tensor, images: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target [B, L], valid [B, L])``: for each phrase word of a count caption (``classes``,
+    :func:`token_classes`), how many objects of its class ``images`` [B] hold (0 where an
+    image holds none: a wrong image's answer too), capped at :data:`MAX_COUNT`."""
+    counts = torch.from_numpy(data.class_counts[np.asarray(images)])  # [B, C]
+    target = torch.gather(counts, 1, classes).clamp_max(MAX_COUNT)
+    counted = torch.tensor([data.caption_kind[c] == "count" for c in batch["cap"]])
+    return target, (classes > 0) & counted[:, None]
 
 
 def relation_classes(

@@ -211,6 +211,24 @@ def where_loss(
     return ((head(hidden) - centre) ** 2).sum(-1)[valid.to(device)].mean()
 
 
+def count_loss(
+    p: PairPass,
+    head: nn.Linear,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    rows: Sequence[int] = (0,),
+) -> torch.Tensor:
+    """Cross-entropy of ``head`` (one logit per count, 0..max) on each phrase word's last hidden
+    state against how many objects of its class the row's image holds, where ``valid``.
+    ``rows``, ``target`` [R B, L] and ``valid`` [R B, L] as in :func:`where_loss`."""
+    if not valid.any():
+        return p.mask.new_zeros((), dtype=torch.float)
+    device, (b, length) = p.mask.device, p.mask.shape
+    hidden = torch.cat([p.hidden[r * b : (r + 1) * b, :length] for r in rows])
+    valid = valid.to(device)
+    return F.cross_entropy(head(hidden)[valid], target.to(device)[valid])
+
+
 def itc_loss(
     ranking: EDJEModelForRanking,
     text_projection: nn.Linear,

@@ -102,6 +102,11 @@ class StageTwo:
     # holds the caption's objects (binding twins: the same objects elsewhere), so that position
     # has to come from the image, not from the caption's word order.
     where_on_negatives: bool = True
+    # Each phrase word of a count caption says, through a training-only head on its last hidden
+    # state, how many objects of its class the image holds (0..4), with the caption's own image
+    # and with its wrong ones (count twins: the same objects in other numbers), so that numbers
+    # are read from the image (synthetic world; 0: off).
+    count_weight: float = 0.0
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
     log_every: int = 20
     eval_every: int = 400

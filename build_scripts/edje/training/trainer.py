@@ -17,7 +17,7 @@ from edje.modeling import EDJEModelForIndexing, EDJEModelForRanking
 from edje.training import losses as L
 from edje.training import schedule
 from edje.training.data import Features, PairData
-from edje.training.grounding import grounding_targets
+from edje.training.grounding import MAX_COUNT, count_targets, grounding_targets, token_classes
 from edje.training.negatives import CaptionEditor, NegativeSampler
 from edje.training.recipe import StageTwo
 
@@ -83,6 +83,14 @@ class EDJETrainer:
             hidden = ranking.language_model.config.hidden_size
             self.where_head = nn.Linear(hidden, 2).to(self.device)
             self.params += list(self.where_head.parameters())
+        self.count_head = None
+        if self.phrase_classes is not None and cfg.count_weight > 0:
+            if data.class_counts is None:
+                raise ValueError("the count loss needs the images' class counts")
+            # Training-only head: how many objects of its class does this word's image hold?
+            hidden = ranking.language_model.config.hidden_size
+            self.count_head = nn.Linear(hidden, MAX_COUNT + 1).to(self.device)
+            self.params += list(self.count_head.parameters())
         self.params = [p for p in self.params if p.requires_grad]  # frozen tables stay out
         # One fused kernel for every tensor (the per-tensor loop took ~10% of a step).
         self.opt = torch.optim.AdamW(
@@ -144,6 +152,19 @@ class EDJETrainer:
                 where_target = torch.cat([t for t, _ in parts])
                 where_valid = torch.cat([v for _, v in parts])
                 out["where"] = L.where_loss(pairs, self.where_head, where_target, where_valid, rows)
+            if self.count_head is not None:  # on the positives and every wrong image
+                classes = token_classes(
+                    self.data, batch, pairs.enc, pairs.mask.shape[1], self.phrase_classes
+                )
+                images = [batch["img"], *batch["neg_img"].T]
+                parts = [count_targets(self.data, batch, classes, im) for im in images]
+                out["count"] = L.count_loss(
+                    pairs,
+                    self.count_head,
+                    torch.cat([t for t, _ in parts]),
+                    torch.cat([v for _, v in parts]),
+                    range(len(images)),
+                )
         out["acc"] = L.accuracy(pairs)
         target = self.caption_emb[torch.as_tensor(batch["cap"])].to(self.device)
         out["itc"] = L.itc_loss(self.ranking, self.text_projection, pairs, target)
@@ -176,6 +197,7 @@ class EDJETrainer:
             "rtd": cfg.rtd_weight,
             "ground": cfg.ground_weight,
             "where": cfg.where_weight,
+            "count": cfg.count_weight,
         }
 
     def train_step(self) -> dict[str, float]:
