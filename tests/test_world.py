@@ -135,10 +135,11 @@ def test_edits_contradict_the_scene():
     scenes = synthetic.all_scenes()[::23]
     kinds_edited = set()
     for scene in scenes:
-        for text in (
-            synthetic.all_captions(scene)[:3] + synthetic.all_captions(scene, "held_out")[:2]
-        ):
-            edited = synthetic.edit_caption(text, rng)
+        for phrasing, text in [
+            *(("train", t) for t in synthetic.all_captions(scene)[:3]),
+            *(("held_out", t) for t in synthetic.all_captions(scene, "held_out")[:2]),
+        ]:
+            edited = synthetic.edit_caption(text, rng, phrasing)
             assert edited is not None, text
             new, changed = edited
             before, after = W.words(text), W.words(new)
@@ -162,6 +163,34 @@ def test_edits_contradict_the_scene():
     for _ in range(50):
         new, _ = synthetic.edit_caption("two red circles and two blue circles", rng)
         assert not _describes(same, new), new
+
+
+def test_edits_keep_to_the_constructions_training_captions_use():
+    # A flipped relation word that makes a construction no true training caption has (a
+    # held-out clause order, or "on the left ... on the left") is refuted by the text alone.
+    rng = random.Random(0)
+    train = W.constructions("train")
+    assert W.construction(W.words("a red circle that is small left of a blue square")) in train
+    assert W.constructions("held_out").isdisjoint(train)
+    pairs = [s for s in synthetic.split_scenes(0)["train"] if s.kind == "pair"][::40]
+    flips = 0
+    for scene in pairs:
+        for text in synthetic.all_captions(scene):
+            assert W.construction(W.words(text)) in train, text
+            for _ in range(6):
+                new, _ = synthetic.edit_caption(text, rng)
+                assert W.construction(W.words(new)) in train, (text, new)
+                relation = ("left", "right", "above", "below", "under", "over", "top", "bottom")
+                flips += any(W.words(new).count(w) != W.words(text).count(w) for w in relation)
+    assert flips > 0
+    # "is to the left of" has no mirror among training's templates: no flip, the exchange stays.
+    text = "a red circle is to the left of a blue square"
+    edits = {synthetic.edit_caption(text, rng)[0] for _ in range(300)}
+    assert "a red circle is to the right of a blue square" not in edits
+    assert "a blue square is to the left of a red circle" in edits
+    assert "a red circle right of a blue square" in {
+        synthetic.edit_caption("a red circle left of a blue square", rng)[0] for _ in range(300)
+    }
 
 
 def test_relation_edits_are_a_third_of_a_pair_captions_edits():

@@ -12,6 +12,7 @@ single punctuation marks), so that word indices here are the tokenizer's ``word_
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -254,6 +255,28 @@ def _phrase_spans(ws: Sequence[str]) -> list[tuple[int, int]]:
     return spans
 
 
+def construction(ws: Sequence[str]) -> tuple[str, ...]:
+    """A caption's words with each noun phrase (article included) as one ``{X}`` slot."""
+    out: list[str] = []
+    at = 0
+    for start, end in _phrase_spans(ws):
+        out += [*ws[at:start], "{X}"]
+        at = end
+    return (*out, *ws[at:])
+
+
+@functools.cache
+def constructions(phrasing: str = "train") -> frozenset[tuple[str, ...]]:
+    """The constructions (:func:`construction`) of ``phrasing``'s two-object templates."""
+    objects = {"A": "a red circle", "B": "a blue square"}
+    return frozenset(
+        construction(words(t.format(**objects)))
+        for (_, ph), templates in PAIR_TEMPLATES.items()
+        if ph == phrasing
+        for t in templates
+    )
+
+
 def _swap_phrases(ws: list[str]) -> tuple[list[str], list[int]] | None:
     """A two-object caption with its two noun phrases exchanged ("a red circle left of a blue
     square" -> "a blue square left of a red circle"): the position-swapped scene, the relation
@@ -272,7 +295,9 @@ def _swap_phrases(ws: list[str]) -> tuple[list[str], list[int]] | None:
     return (out, changed) if out != ws else None
 
 
-def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
+def edit_caption(
+    text: str, rng: random.Random, phrasing: str = "train"
+) -> tuple[str, list[int]] | None:
     """A minimal edit of a world caption that no longer describes its scene, or ``None``.
 
     Three families of edit, drawn evenly (then one edit uniformly within the family), so that
@@ -281,7 +306,8 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
     * ``binding``: swap two words of one kind that differ in meaning (colours, shapes, sizes or
       counts);
     * ``replace``: one such word by another of another meaning;
-    * ``relation``: flip a relation word (left/right, above/below, top/bottom), or exchange the
+    * ``relation``: flip a relation word (left/right, above/below, top/bottom) where the result
+      is a construction of ``phrasing``'s templates (:func:`constructions`), or exchange the
       two objects' phrases.
 
     Returns the edited caption (words joined by spaces, which the tokenizer reads as the
@@ -305,10 +331,15 @@ def edit_caption(text: str, rng: random.Random) -> tuple[str, list[int]] | None:
             other = rng.choice([w for w in category if w != _meaning(ws[i])])
             families["replace"].append((ws[:i] + [_say(other, rng)] + ws[i + 1 :], [i]))
     for i, w in enumerate(ws):
+        flipped = None
         if w in _FLIPS:
-            families["relation"].append((ws[:i] + [_FLIPS[w]] + ws[i + 1 :], [i]))
+            flipped = ws[:i] + [_FLIPS[w]] + ws[i + 1 :]
         elif w in ("top", "bottom") and i > 0 and ws[i - 1] == "the":
             flipped = ws[:i] + ["bottom" if w == "top" else "top"] + ws[i + 1 :]
+        # Only into a construction that the phrasing's true captions use: a flip elsewhere
+        # ("... on the left and ... on the left", or a clause order no true caption has) is
+        # refuted by the text alone, and would put held-out clause orders into training.
+        if flipped is not None and construction(flipped) in constructions(phrasing):
             families["relation"].append((flipped, [i]))
     groups = count_groups(text)
     counted = any(number for number, _, _ in groups)
