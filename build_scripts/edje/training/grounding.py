@@ -25,23 +25,21 @@ def grounding_targets(
     data: PairData,
     batch: dict[str, np.ndarray],
     enc,
-    length: int,
+    classes: torch.Tensor,
     num_tokens: int,
-    phrase_classes: Callable[[str], list[int]],
     relations: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(target [B, L, Q], valid [B, L])`` for the positives of ``batch``: per token, the
     share of its object in each image cell (rows sum to 1 where ``valid``).
 
-    ``enc`` is the positives' tokenization (``word_ids``), ``length`` the padded text length,
-    ``num_tokens`` Q, a square number.
+    ``enc`` is the positives' tokenization (``word_ids``), ``classes`` its tokens' object
+    classes (:func:`token_classes`, not modified), ``num_tokens`` Q, a square number.
     """
     q = num_tokens
     cell = data.labels.shape[-1] // math.isqrt(q)
     mix = patch_object_mix(data.labels[torch.as_tensor(batch["img"])], cell)  # [B, Q, C]
-    classes = token_classes(data, batch, enc, length, phrase_classes)
     if relations:
-        classes = relation_classes(data, batch, enc, classes, length)
+        classes = relation_classes(data, batch, enc, classes.clone(), classes.shape[1])
     target = torch.gather(mix, 2, classes[:, None, :].expand(-1, q, -1)).transpose(1, 2)
     total = target.sum(-1, keepdim=True)  # [B, L, 1]
     valid = (classes > 0) & (total.squeeze(-1) > 0)

@@ -205,10 +205,16 @@ def where_loss(
     ``valid`` [R B, L] their targets in that order, each from the row's own image."""
     if not valid.any():
         return p.mask.new_zeros((), dtype=torch.float)
-    device, (b, length), q = p.mask.device, p.mask.shape, target.shape[-1]
+    device, q = p.mask.device, target.shape[-1]
     centre = target.to(device) @ cell_centres(q).to(device)  # [R B, L, 2]
-    hidden = torch.cat([p.hidden[r * b : (r + 1) * b, :length] for r in rows])
-    return ((head(hidden) - centre) ** 2).sum(-1)[valid.to(device)].mean()
+    return ((head(_row_states(p, rows)) - centre) ** 2).sum(-1)[valid.to(device)].mean()
+
+
+def _row_states(p: PairPass, rows: Sequence[int]) -> torch.Tensor:
+    """``[R B, L, H]``: the text positions' last hidden states of pair rows ``rows`` in order
+    (0: the positives; 1..n: the caption with its wrong images)."""
+    b, length = p.mask.shape
+    return torch.cat([p.hidden[r * b : (r + 1) * b, :length] for r in rows])
 
 
 def count_loss(
@@ -223,10 +229,8 @@ def count_loss(
     ``rows``, ``target`` [R B, L] and ``valid`` [R B, L] as in :func:`where_loss`."""
     if not valid.any():
         return p.mask.new_zeros((), dtype=torch.float)
-    device, (b, length) = p.mask.device, p.mask.shape
-    hidden = torch.cat([p.hidden[r * b : (r + 1) * b, :length] for r in rows])
-    valid = valid.to(device)
-    return F.cross_entropy(head(hidden)[valid], target.to(device)[valid])
+    valid = valid.to(p.mask.device)
+    return F.cross_entropy(head(_row_states(p, rows))[valid], target.to(valid.device)[valid])
 
 
 def itc_loss(

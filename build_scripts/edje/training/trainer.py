@@ -126,17 +126,14 @@ class EDJETrainer:
         if self.phrase_classes is not None:
             q = self.indexing.vision_projection.query.shape[1]
             relations = schedule.grounds_relations(cfg, self.progress())
+            classes = token_classes(
+                self.data, batch, pairs.enc, pairs.mask.shape[1], self.phrase_classes
+            )
 
             def targets(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
                 """Grounding targets of the positives' words in ``images`` [B]."""
                 return grounding_targets(
-                    self.data,
-                    {**batch, "img": images},
-                    pairs.enc,
-                    pairs.mask.shape[1],
-                    q,
-                    self.phrase_classes,
-                    relations,
+                    self.data, {**batch, "img": images}, pairs.enc, classes, q, relations
                 )
 
             target, valid = targets(batch["img"])
@@ -153,9 +150,6 @@ class EDJETrainer:
                 where_valid = torch.cat([v for _, v in parts])
                 out["where"] = L.where_loss(pairs, self.where_head, where_target, where_valid, rows)
             if self.count_head is not None:  # on the positives and every wrong image
-                classes = token_classes(
-                    self.data, batch, pairs.enc, pairs.mask.shape[1], self.phrase_classes
-                )
                 images = [batch["img"], *batch["neg_img"].T]
                 parts = [count_targets(self.data, batch, classes, im) for im in images]
                 out["count"] = L.count_loss(
