@@ -209,6 +209,7 @@ def train_default(
         caption_editor=synthetic.edit_caption,
         mlm_groups=tuple(synthetic.WORD_GROUPS.values()),
         phrase_classes=synthetic.phrase_classes,
+        pretrained=recipe.language_prior != "none",
     )
     # Validation on every evaluation tier: seen phrasings and style, held-out phrasings,
     # held-out rendering (only the val split's scenes; the test split stays unseen).

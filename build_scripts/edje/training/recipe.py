@@ -108,6 +108,10 @@ class StageTwo:
     # are read from the image (synthetic world; 0: off).
     count_weight: float = 0.0
     freeze_word_embeddings: bool = True  # with the MiniLM prior: its word table stays fixed
+    # With a language prior: the learning rate of its pretrained embeddings and layers, as a
+    # share of ``lr`` (the adapter and every head keep ``lr``), so that fine-tuning keeps more
+    # of what the prior knows about sentences.
+    prior_lr_scale: float = 1.0
     log_every: int = 20
     eval_every: int = 400
     eval_queries: int = 0  # 0: the whole validation split

@@ -30,7 +30,8 @@ class EDJETrainer:
     ``caption_emb`` and ``image_emb`` are the first stage's embeddings of ``data`` (mining,
     ITC and distillation targets). The synthetic world's signals are optional:
     ``caption_editor`` (edited-caption negatives and the contradiction loss), ``mlm_groups``
-    (whole-group masking) and ``phrase_classes`` (grounding).
+    (whole-group masking) and ``phrase_classes`` (grounding). With ``pretrained`` the joint
+    encoder's embeddings and layers learn at ``cfg.prior_lr_scale`` times ``cfg.lr``.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class EDJETrainer:
         caption_editor: CaptionEditor | None = None,
         mlm_groups: Sequence[Sequence[str]] | None = None,
         phrase_classes: Callable[[str], list[int]] | None = None,
+        pretrained: bool = False,
     ) -> None:
         self.indexing, self.ranking, self.text_projection = indexing, ranking, text_projection
         self.tokenizer, self.data, self.features, self.cfg = tokenizer, data, features, cfg
@@ -92,9 +94,14 @@ class EDJETrainer:
             self.count_head = nn.Linear(hidden, MAX_COUNT + 1).to(self.device)
             self.params += list(self.count_head.parameters())
         self.params = [p for p in self.params if p.requires_grad]  # frozen tables stay out
+        prior = {id(p) for p in ranking.language_model.bert.parameters()} if pretrained else set()
+        groups = [
+            {"params": [p for p in self.params if id(p) not in prior], "lr_scale": 1.0},
+            {"params": [p for p in self.params if id(p) in prior], "lr_scale": cfg.prior_lr_scale},
+        ]
         # One fused kernel for every tensor (the per-tensor loop took ~10% of a step).
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
         )
         self.step = 0
         self.started = time.time()
@@ -197,8 +204,9 @@ class EDJETrainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns every loss, ``acc`` and the weighted ``loss``."""
         cfg = self.cfg
+        multiplier = schedule.lr_multiplier(self.step, self.progress(), cfg.warmup)
         for g in self.opt.param_groups:
-            g["lr"] = cfg.lr * schedule.lr_multiplier(self.step, self.progress(), cfg.warmup)
+            g["lr"] = cfg.lr * g["lr_scale"] * multiplier
         self.indexing.vision_projection.train()
         self.ranking.train()
         out = self.losses(self.sample())
