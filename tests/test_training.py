@@ -117,7 +117,7 @@ def test_first_stage_loss_falls(tiny_setup, caplog):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
+def _trainer(tiny_setup, steps: int, world_signals: bool = True, **trainer_kwargs) -> EDJETrainer:
     recipe, text_tok, tok, data, clip = tiny_setup
     torch.manual_seed(0)
     indexing, ranking, text_projection = build_edje(
@@ -135,6 +135,7 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
         ground_relations=world_signals,
         where_weight=1.0 if world_signals else 0.0,
         count_weight=1.0 if world_signals else 0.0,
+        prior_lr_scale=trainer_kwargs.pop("prior_lr_scale", 1.0),
     )
     image_emb, _ = embed_images(clip, data)
     caption_emb = embed_texts(clip.text_model, text_tok, data.captions, recipe.text_len)
@@ -157,7 +158,28 @@ def _trainer(tiny_setup, steps: int, world_signals: bool = True) -> EDJETrainer:
         image_emb,
         cfg,
         **extra,
+        **trainer_kwargs,
     )
+
+
+def test_a_pretrained_encoder_learns_at_its_own_share_of_the_rate(tiny_setup):
+    trainer = _trainer(
+        tiny_setup, steps=20, world_signals=False, pretrained=True, prior_lr_scale=0.1
+    )
+    prior = {id(p) for p in trainer.ranking.language_model.bert.parameters() if p.requires_grad}
+    trainer.train_step()
+    fresh_group, prior_group = trainer.opt.param_groups
+    assert {id(p) for p in prior_group["params"]} == prior
+    assert prior.isdisjoint(id(p) for p in fresh_group["params"])
+    assert len(fresh_group["params"]) + len(prior_group["params"]) == len(trainer.params)
+    head = {id(p) for p in trainer.ranking.classification_head.parameters()}
+    assert head <= {id(p) for p in fresh_group["params"]}
+    assert prior_group["lr"] > 0 and prior_group["lr"] == pytest.approx(0.1 * fresh_group["lr"])
+    # Without a prior every parameter learns at the full rate.
+    (only,) = _trainer(
+        tiny_setup, steps=20, world_signals=False, prior_lr_scale=0.1
+    ).opt.param_groups
+    assert only["lr_scale"] == 1.0
 
 
 def test_image_tokens_reach_the_encoder(tiny_setup):
@@ -529,3 +551,24 @@ def test_training_record_says_what_made_the_weights(tmp_path, monkeypatch):
     assert "| 400 | 6.5 | 57.7 | 20.2 | - | - | - | - |" in text
     assert "| 800 | 13.0 | 57.7 | 40.0 | 40.1 | 30.5 | 50.2 | 35.0 |" in text
     assert "| held_out_phrasing | count | 119 | 70.6 | 75.0 |" in text
+
+
+def test_evaluation_by_construction_groups_pair_captions_by_clause_order(tiny_source):
+    from edje.world_captions import constructions
+
+    report = evaluate(
+        tiny_source, "test", seed=0, show=0, tier="held_out_phrasing", by="construction"
+    )
+    rows = report["text_to_image_r1_by_kind"]
+    held_out = {" ".join(c) for c in constructions("held_out")}
+    pairs = {k: r for k, r in rows.items() if k not in ("plain", "count")}
+    assert pairs and set(pairs) <= held_out  # each held-out caption reported by its template
+    assert sum(r["queries"] for r in rows.values()) == report["num_captions"]
+    by_kind = evaluate(tiny_source, "test", seed=0, show=0, tier="held_out_phrasing")
+    kinds = by_kind["text_to_image_r1_by_kind"]
+    assert sum(r["queries"] for r in pairs.values()) == sum(
+        kinds[k]["queries"] for k in ("relation", "attribute_swap")
+    )
+    assert by_kind["text_to_image"] == report["text_to_image"]  # the same scores, regrouped
+    with pytest.raises(ValueError, match="by must be"):
+        evaluate(tiny_source, "test", seed=0, show=0, by="template")

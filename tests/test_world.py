@@ -276,3 +276,12 @@ def test_tiers_cover_the_test_split():
         assert len(keys) == 30 and set(keys) <= scenes
     with pytest.raises(ValueError, match="tier"):
         synthetic.generate_tier("test", "unseen")
+
+
+def test_clause_order_names_a_caption_by_its_template():
+    assert W.clause_order("a small red circle with a big square that is blue to its left") == (
+        "{X} with {X} to its left"
+    )
+    assert W.clause_order(
+        "on the left there is a red circle and on the right there is a blue square"
+    ) == ("on the left there is {X} and on the right there is {X}")

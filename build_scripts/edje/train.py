@@ -65,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
         default="all",
         help="evaluation tier: seen, held-out phrasings or held-out rendering (default: all)",
     )
+    e.add_argument(
+        "--by",
+        choices=("kind", "construction"),
+        default="kind",
+        help="rows by caption kind, or two-object captions by clause order (default: kind)",
+    )
     w = sub.add_parser("world", help="write a synthetic split as PNGs + Karpathy JSON")
     w.add_argument("--out", required=True)
     w.add_argument("--split", default="test")
@@ -88,10 +94,13 @@ def parser() -> argparse.ArgumentParser:
 
 def print_tiers(rows: list[dict]) -> None:
     """The tiers' summary as a table on stdout."""
-    print(f"{'tier':<20} {'kind':<16} {'queries':>7} {'first stage R@1':>16} {'re-ranked R@1':>14}")
+    w = max(16, *(len(r["kind"]) for r in rows))
+    print(
+        f"{'tier':<20} {'kind':<{w}} {'queries':>7} {'first stage R@1':>16} {'re-ranked R@1':>14}"
+    )
     for r in rows:
         print(
-            f"{r['tier']:<20} {r['kind']:<16} {r['queries']:>7} "
+            f"{r['tier']:<20} {r['kind']:<{w}} {r['queries']:>7} "
             f"{r['first_stage_R@1']:>16.1f} {r['reranked_R@1']:>14.1f}"
         )
 
@@ -119,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edje.training.evaluation import evaluate, evaluate_tiers
 
         if args.tier == "all":
-            report = evaluate_tiers(args.source, args.split, args.seed, show=3)
+            report = evaluate_tiers(args.source, args.split, args.seed, show=3, by=args.by)
             print_tiers(report["summary"])
         else:
-            report = evaluate(args.source, args.split, args.seed, tier=args.tier)
+            report = evaluate(args.source, args.split, args.seed, tier=args.tier, by=args.by)
     elif args.command == "world":
         written = synthetic.write_karpathy(args.out, args.split, args.seed, tier=args.tier)
         report = {"written": str(written)}

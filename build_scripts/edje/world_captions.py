@@ -265,6 +265,12 @@ def construction(ws: Sequence[str]) -> tuple[str, ...]:
     return (*out, *ws[at:])
 
 
+def clause_order(text: str) -> str:
+    """A two-object caption's construction as text ("{X} with {X} to its left"): the group
+    ``python -m edje.train evaluate --by construction`` reports R@1 by."""
+    return " ".join(construction(words(text)))
+
+
 @functools.cache
 def constructions(phrasing: str = "train") -> frozenset[tuple[str, ...]]:
     """The constructions (:func:`construction`) of ``phrasing``'s two-object templates."""

@@ -18,6 +18,7 @@ from edje import synthetic
 from edje.model_source import ModelSource
 from edje.training.data import Features, PairData, encode_captions
 from edje.training.first_stage import embed_texts
+from edje.world_captions import clause_order
 from edje_client.evaluation import rerank_report
 
 PairScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -105,10 +106,12 @@ def evaluate(
     max_queries: int | None = None,
     show: int = 5,
     tier: str = "seen",
+    by: str = "kind",
 ) -> dict:
     """Recall@K on a synthetic split in one evaluation ``tier`` (:data:`edje.synthetic.TIERS`),
     first stage alone vs EDJE re-ranking its top-k: the report of ``edje eval``, image->text
-    only when every caption is a query.
+    only when every caption is a query. ``by="construction"`` reports two-object captions by
+    their clause order (:func:`edje.world_captions.clause_order`) instead of their kind.
 
     Everything goes through the shipped path: :class:`ModelSource` (strict loading), its image
     processor and both tokenizers. Prints a few queries that re-ranking fixes.
@@ -119,9 +122,16 @@ def evaluate(
     text_model, _ = src.build_text_model()
     tokenizer, text_tokenizer = src.tokenizer(), src.text_tokenizer()
     processor = src.image_processor()
+    if by not in ("kind", "construction"):
+        raise ValueError(f"by must be 'kind' or 'construction', not {by!r}")
     examples = list(synthetic.generate_tier(split, tier, seed, images_per_scene=1))
     rows = np.arange(len(examples))  # one image per scene: every image is its own group
-    data = PairData(rows, [ex.captions[0] for ex in examples], rows, [ex.kind for ex in examples])
+    captions = [ex.captions[0] for ex in examples]
+    groups = [
+        clause_order(text) if by == "construction" and ex.scene.kind == "pair" else ex.kind
+        for ex, text in zip(examples, captions, strict=True)
+    ]
+    data = PairData(rows, captions, rows, groups)
     t0 = time.time()
     with torch.no_grad():
         embs, toks = [], []
@@ -153,12 +163,13 @@ def evaluate_tiers(
     split: str = "test",
     seed: int = 0,
     show: int = 0,
+    by: str = "kind",
 ) -> dict:
     """:func:`evaluate` on every tier: ``{"tiers": {tier: report}, "summary": rows}``, where
-    each summary row is a tier's (or a tier's caption kind's) queries and R@1 before and
-    after re-ranking."""
+    each summary row is a tier's (or a tier's caption kind's, or construction's: ``by``)
+    queries and R@1 before and after re-ranking."""
     src = source if isinstance(source, ModelSource) else ModelSource.from_dir(source)
-    tiers = {tier: evaluate(src, split, seed, show=show, tier=tier) for tier in synthetic.TIERS}
+    tiers = {t: evaluate(src, split, seed, show=show, tier=t, by=by) for t in synthetic.TIERS}
     rows = []
     for tier, report in tiers.items():
         t2i = report["text_to_image"]
