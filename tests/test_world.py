@@ -285,3 +285,28 @@ def test_clause_order_names_a_caption_by_its_template():
     assert W.clause_order(
         "on the left there is a red circle and on the right there is a blue square"
     ) == ("on the left there is {X} and on the right there is {X}")
+
+
+def test_constructions_that_come_in_both_orders():
+    # Constructions whose mirror (relation words exchanged) training also uses: in them only
+    # the relation words say which side each object is on, never the clause order.
+    flip = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+    flip |= {"over": "under", "under": "over"}
+    both_orders = [
+        "{X} on the left and {X} on the right",
+        "{X} at the top and {X} at the bottom",
+        "on the left there is {X} and on the right there is {X}",
+        "{X} is on the left and {X} is on the right",
+        "{X} that has {X} on its right",
+        "left of {X} is {X}",
+        "at the top there is {X} and at the bottom there is {X}",
+        "{X} is at the top and {X} is at the bottom",
+        "{X} that has {X} under it",
+        "over {X} is {X}",
+    ]
+    train, held_out = W.constructions("train"), W.constructions("held_out")
+    for text in both_orders:
+        c = tuple(text.split())
+        mirror = tuple(flip.get(w, w) for w in c)
+        assert c in train and mirror in train, text
+        assert c not in held_out and mirror not in held_out, text

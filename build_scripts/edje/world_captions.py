@@ -62,6 +62,16 @@ PAIR_TEMPLATES = {
         "{B} with {A} to its left",
         "on the right is {B} and on the left is {A}",
         "{A} on the left, {B} on the right",
+        # Constructions that come in both orders, so that no clause order says by itself
+        # which side an object is on: only the relation words do.
+        "on the left there is {A} and on the right there is {B}",
+        "on the right there is {B} and on the left there is {A}",
+        "{A} is on the left and {B} is on the right",
+        "{B} is on the right and {A} is on the left",
+        "{A} that has {B} on its right",
+        "{B} that has {A} on its left",
+        "left of {B} is {A}",
+        "right of {A} is {B}",
     ),
     ("h", "held_out"): (
         "on the left {A}, and on the right {B}",
@@ -84,6 +94,14 @@ PAIR_TEMPLATES = {
         "{B} with {A} above it",
         "at the bottom is {B} and at the top is {A}",
         "{A} at the top, {B} at the bottom",
+        "at the top there is {A} and at the bottom there is {B}",
+        "at the bottom there is {B} and at the top there is {A}",
+        "{A} is at the top and {B} is at the bottom",
+        "{B} is at the bottom and {A} is at the top",
+        "{A} that has {B} under it",
+        "{B} that has {A} over it",
+        "over {B} is {A}",
+        "under {A} is {B}",
     ),
     ("v", "held_out"): (
         "at the top {A}, and at the bottom {B}",
